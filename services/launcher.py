@@ -1,0 +1,136 @@
+"""`kvrelay up`: the whole cluster on this machine, each service its own process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+from functools import partial
+from pathlib import Path
+
+import redis
+
+from services.processes import (
+    ChildProcess,
+    ChildProcessError,
+    free_port,
+    grpc_serving,
+    http_healthy,
+)
+from shared.config import served_model_name
+from shared.model.loader import resolve_model_dir
+
+log = logging.getLogger("kvrelay.up")
+
+WORKER_READY_TIMEOUT_S = 300.0
+GATEWAY_READY_TIMEOUT_S = 120.0
+
+
+def start_redis(workdir: Path) -> tuple[ChildProcess, str] | None:
+    """A private, non-persistent redis-server on a free loopback port, if one is installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        log.info("no redis-server found: prefix routing will use the gateway's own history")
+        return None
+    port = free_port()
+    child = ChildProcess(
+        "redis",
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--loglevel", "warning"],
+    ).start()
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def pings() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    child.wait_ready(pings, timeout_s=20)
+    return child, url
+
+
+def _worker_args(args: argparse.Namespace, role: str, model_dir: Path, port: int) -> list[str]:
+    worker = [
+        role, "--model-path", str(model_dir), "--served-model-name", args.served_model_name,
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
+        "--kv-cache-mb", str(args.kv_cache_mb), "--block-size", str(args.block_size),
+        "--kv-transport", args.kv_transport, "--log-level", args.log_level,
+    ]
+    if args.num_threads:
+        worker += ["--num-threads", str(args.num_threads)]
+    if args.redis_url:
+        worker += ["--redis-url", args.redis_url]
+    return worker
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    args.served_model_name = served_model_name(args.model_path, args.served_model_name)
+    # Convert (once) here, so that the workers never race to convert the same model.
+    model_dir = resolve_model_dir(args.model_path)
+    children: list[ChildProcess] = []
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with tempfile.TemporaryDirectory(prefix="kvrelay-up-") as workdir:
+        try:
+            if args.redis_url is None and not args.no_redis:
+                started = start_redis(Path(workdir))
+                if started is not None:
+                    children.append(started[0])
+                    args.redis_url = started[1]
+                    log.info("private Redis at %s", args.redis_url)
+            addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
+            workers: list[tuple[ChildProcess, str]] = []
+            for role, count in (("prefill", args.prefill), ("decode", args.decode)):
+                for index in range(count):
+                    port = free_port()
+                    worker_args = _worker_args(args, role, model_dir, port)
+                    child = ChildProcess.kvrelay(f"{role}-{index}", worker_args).start()
+                    children.append(child)
+                    address = f"127.0.0.1:{port}"
+                    addresses[role].append(address)
+                    workers.append((child, address))
+            for child, address in workers:
+                child.wait_ready(partial(grpc_serving, address), WORKER_READY_TIMEOUT_S)
+            gateway_args = [
+                "gateway", "--model-path", str(model_dir),
+                "--served-model-name", args.served_model_name,
+                "--host", args.host, "--port", str(args.port),
+                "--prefill-addrs", ",".join(addresses["prefill"]),
+                "--decode-addrs", ",".join(addresses["decode"]),
+                "--log-level", args.log_level,
+            ]
+            if args.api_key:
+                gateway_args += ["--api-key", args.api_key]
+            if args.chat_template:
+                gateway_args += ["--chat-template", args.chat_template]
+            gateway = ChildProcess.kvrelay("gateway", gateway_args).start()
+            children.append(gateway)
+            health_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            gateway.wait_ready(
+                lambda: http_healthy(f"http://{health_host}:{args.port}/health"),
+                GATEWAY_READY_TIMEOUT_S,
+            )
+            log.info(
+                "kvrelay is up: http://%s:%d/v1 serving %s (%d prefill, %d decode workers)",
+                health_host, args.port, args.served_model_name, args.prefill, args.decode,
+            )
+            while not stop.wait(0.5):
+                dead = [c for c in children if not c.alive()]
+                if dead:
+                    log.error("%s exited with code %s: stopping the cluster",
+                              dead[0].name, dead[0].returncode())
+                    return 1
+            return 0
+        except ChildProcessError as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            log.info("stopping %d processes", len(children))
+            # Gateway first (it stops taking requests), then workers, then Redis.
+            for child in reversed(children):
+                child.stop()

@@ -1,0 +1,29 @@
+"""KV transfer from prefill to decode workers: one protocol, pluggable backends."""
+
+from __future__ import annotations
+
+from shared.kv_pool import KVPool
+from shared.transfer.base import KvArrival, KvReceiver, KvSender, KvTransferError
+
+TRANSPORTS = ("zmq",)
+
+
+def make_sender(transport: str) -> KvSender:
+    if transport == "zmq":
+        from shared.transfer.zmq_transport import ZmqKvSender
+
+        return ZmqKvSender()
+    raise ValueError(f"unknown KV transport {transport!r}; choose from {TRANSPORTS}")
+
+
+def make_receiver(
+    transport: str, pool: KVPool, bind_host: str, port: int, advertise_host: str
+) -> KvReceiver:
+    if transport == "zmq":
+        from shared.transfer.zmq_transport import ZmqKvReceiver
+
+        return ZmqKvReceiver(pool, bind_host, port, advertise_host)
+    raise ValueError(f"unknown KV transport {transport!r}; choose from {TRANSPORTS}")
+
+
+__all__ = ["KvArrival", "KvReceiver", "KvSender", "KvTransferError", "make_receiver", "make_sender"]

@@ -1,0 +1,112 @@
+"""Starts real kvrelay services as separate processes for tests, and stops them by pid."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import grpc
+
+from services.processes import ChildProcess, free_port, grpc_serving, http_healthy
+from shared.rpc import kvrelay_pb2 as pb
+from shared.rpc import kvrelay_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Cluster:
+    base_url: str
+    model_name: str
+    prefill_addrs: list[str]
+    decode_addrs: list[str]
+    log_dir: Path
+    processes: list[ChildProcess] = field(default_factory=list)
+
+    def worker_info(self, address: str, role: str) -> pb.WorkerInfo:
+        with grpc.insecure_channel(address) as channel:
+            stub: pb_grpc.PrefillWorkerStub | pb_grpc.DecodeWorkerStub
+            if role == "prefill":
+                stub = pb_grpc.PrefillWorkerStub(channel)
+            else:
+                stub = pb_grpc.DecodeWorkerStub(channel)
+            info: pb.WorkerInfo = stub.GetInfo(pb.WorkerInfoRequest(), timeout=5)
+            return info
+
+    def wait_all_pages_free(self, timeout_s: float = 10.0) -> None:
+        """Every worker's KV pool is back to idle; raises with the numbers if not."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            infos = [(a, self.worker_info(a, "prefill")) for a in self.prefill_addrs] + [
+                (a, self.worker_info(a, "decode")) for a in self.decode_addrs
+            ]
+            busy = [
+                (a, i.num_pages - i.free_pages) for a, i in infos if i.free_pages < i.num_pages
+            ]
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"KV pages still held after {timeout_s} s: {busy}")
+            time.sleep(0.1)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name} ---\n{p.log_path.read_text(errors='replace')[-4000:]}"
+            for p in self.processes
+            if p.log_path is not None and p.log_path.exists()
+        )
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+def start_cluster(
+    model_dir: Path,
+    log_dir: Path,
+    *,
+    model_name: str = "test-model",
+    num_prefill: int = 1,
+    num_decode: int = 1,
+    kv_cache_mb: int = 128,
+    worker_args: Sequence[str] = (),
+    decode_args: Sequence[str] = (),
+    gateway_args: Sequence[str] = (),
+) -> Cluster:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    gateway_port = free_port()
+    cluster = Cluster(f"http://127.0.0.1:{gateway_port}", model_name, [], [], log_dir)
+    common = ["--model-path", str(model_dir), "--served-model-name", model_name,
+              "--kv-cache-mb", str(kv_cache_mb), *worker_args]
+    try:
+        for role, count in (("prefill", num_prefill), ("decode", num_decode)):
+            for index in range(count):
+                port = free_port()
+                extra = list(decode_args) if role == "decode" else []
+                process = ChildProcess.kvrelay(
+                    f"{role}-{index}", [role, "--port", str(port), *common, *extra],
+                    log_path=log_dir / f"{role}-{index}.log",
+                ).start()
+                cluster.processes.append(process)
+                (cluster.prefill_addrs if role == "prefill" else cluster.decode_addrs).append(
+                    f"127.0.0.1:{port}"
+                )
+        for process, address in zip(
+            cluster.processes, cluster.prefill_addrs + cluster.decode_addrs, strict=True
+        ):
+            process.wait_ready(partial(grpc_serving, address), timeout_s=180)
+        gateway = ChildProcess.kvrelay(
+            "gateway",
+            ["gateway", "--port", str(gateway_port), "--model-path", str(model_dir),
+             "--served-model-name", model_name,
+             "--prefill-addrs", ",".join(cluster.prefill_addrs),
+             "--decode-addrs", ",".join(cluster.decode_addrs), *gateway_args],
+            log_path=log_dir / "gateway.log",
+        ).start()
+        cluster.processes.append(gateway)
+        gateway.wait_ready(lambda: http_healthy(f"{cluster.base_url}/health"), timeout_s=120)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
