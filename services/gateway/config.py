@@ -1,0 +1,19 @@
+"""Settings of the gateway process (filled by the CLI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class GatewayConfig:
+    prefill_addrs: list[str]  # gRPC "host:port" of prefill workers
+    decode_addrs: list[str]
+    model_path: str | None = None  # None = default model
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    chat_template: str | None = None  # file path or inline Jinja; overrides the tokenizer's
+    request_timeout_s: float = 600.0
+    log_level: str = "info"

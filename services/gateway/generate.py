@@ -1,0 +1,279 @@
+"""One request across the two workers: reserve on decode, prefill into it, stream the rest.
+
+    D.Generate(...)  -> first event `reserved`: decode's pages for the prompt
+    P.Prefill(..., kv_target=reserved) -> first token (prefill writes the KV into D)
+    D's stream       -> the other tokens; the last batch carries finish_reason
+
+The gateway turns tokens into text (stop strings included) and cancels whatever call is
+still open when it is done early, fails, or the client goes away: cancelling Generate
+is how decode frees the request's pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+
+from services.gateway.detokenizer import OutputText
+from services.gateway.errors import UNAVAILABLE, APIError
+from services.gateway.router import Route, Router
+from services.gateway.sampling import GenerationPlan
+from services.gateway.tokenizer import ModelInfo
+from services.gateway.worker_clients import WorkerClient
+from shared.rpc import kvrelay_pb2 as pb
+
+logger = logging.getLogger("kvrelay.gateway")
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+GenerationEvent = TextDelta | Finished
+CallT = TypeVar("CallT", bound=grpc.aio.Call)
+
+
+class WorkerProtocolError(Exception):
+    """A worker answered something the control-plane contract does not allow."""
+
+
+_UNAVAILABLE_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+}
+_CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
+
+
+def rpc_error_to_api(worker: WorkerClient, exc: grpc.aio.AioRpcError) -> APIError:
+    code = exc.code()
+    details = exc.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        worker.mark_failed(details)
+    message = f"{worker!r} failed: {code.name}: {details}"
+    if code in _CLIENT_CODES:
+        return APIError(400, message, code=code.name.lower())
+    if code in _UNAVAILABLE_CODES:
+        return APIError(503, message, type=UNAVAILABLE, code=code.name.lower())
+    return APIError(500, message, code=code.name.lower())
+
+
+@dataclass
+class _Progress:
+    """What the answer looks like so far, in tokens."""
+
+    plan: GenerationPlan
+    stop_ids: frozenset[int] = field(init=False)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.stop_ids = frozenset(self.plan.stop_token_ids)
+
+    def take(self, token_ids: Iterable[int]) -> list[int]:
+        """Counts new tokens; returns those to show. A stop token ends it and is not shown."""
+        shown: list[int] = []
+        for tok in token_ids:
+            if self.finish_reason is not None:
+                break  # a worker sent more than asked for: the answer is already complete
+            self.completion_tokens += 1
+            if tok in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            shown.append(tok)
+            if self.completion_tokens >= self.plan.max_new_tokens:
+                self.finish_reason = "length"
+        return shown
+
+
+class Generator:
+    def __init__(self, model: ModelInfo, router: Router, timeout_s: float) -> None:
+        self._model = model
+        self._router = router
+        self._timeout_s = timeout_s
+        self._open_calls: set[grpc.aio.Call] = set()
+        self._closing = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._open_calls)
+
+    def shutdown(self) -> None:
+        """Ends every request in flight with a 503 (at the end of the shutdown grace period).
+
+        Cancelling their worker calls wakes them up; they then report the shutdown to their
+        clients instead of being cut off mid-stream.
+        """
+        self._closing = True
+        for call in list(self._open_calls):
+            call.cancel()
+
+    def _track(self, call: CallT) -> CallT:
+        self._open_calls.add(call)
+        call.add_done_callback(self._open_calls.discard)
+        return call
+
+    @staticmethod
+    def _shutdown_error() -> APIError:
+        return APIError(503, "the gateway is shutting down", type=UNAVAILABLE, code="shutdown")
+
+    async def generate(self, plan: GenerationPlan) -> AsyncGenerator[GenerationEvent, None]:
+        """Text deltas as they come, then one Finished. Raises APIError on failure."""
+        if self._closing:
+            raise self._shutdown_error()
+        route = self._router.route(plan.prompt_token_ids, needs_decode=plan.max_new_tokens > 1)
+        output = OutputText(self._model.tokenizer, plan.stop_strings)
+        progress = _Progress(plan)
+        deadline = time.monotonic() + self._timeout_s
+        decode_call: grpc.aio.UnaryStreamCall | None = None
+        prefill_call: grpc.aio.UnaryUnaryCall | None = None
+        current: WorkerClient = route.prefill  # the worker whose answer is awaited
+        decode_done = False
+        started = time.monotonic()
+        try:
+            kv_target: pb.KvTarget | None = None
+            if route.decode is not None:
+                current = route.decode
+                decode_call = self._track(
+                    route.decode.decode_stub().Generate(
+                        pb.GenerateRequest(
+                            request_id=plan.request_id,
+                            prompt_token_ids=plan.prompt_token_ids,
+                            sampling=plan.sampling_params(),
+                        ),
+                        timeout=self._timeout_s,
+                    )
+                )
+                kv_target = await self._read_reserved(decode_call, route)
+
+            current = route.prefill
+            prefill_call = self._track(
+                route.prefill.prefill_stub().Prefill(
+                    pb.PrefillRequest(
+                        request_id=plan.request_id,
+                        prompt_token_ids=plan.prompt_token_ids,
+                        sampling=plan.sampling_params(),
+                        kv_target=kv_target,
+                    ),
+                    timeout=max(deadline - time.monotonic(), 0.001),
+                )
+            )
+            first = await prefill_call
+            ttft = time.monotonic() - started
+
+            text = output.add(progress.take([first.first_token_id]))
+            if text:
+                yield TextDelta(text)
+
+            if route.decode is not None and decode_call is not None:
+                current = route.decode
+                while progress.finish_reason is None and not output.stopped:
+                    event = await decode_call.read()
+                    if event is grpc.aio.EOF:
+                        decode_done = True
+                        raise WorkerProtocolError(
+                            f"{route.decode!r} ended the stream before the answer was finished"
+                        )
+                    assert isinstance(event, pb.GenerateEvent)
+                    if event.WhichOneof("event") != "tokens":
+                        raise WorkerProtocolError(
+                            f"{route.decode!r} sent a {event.WhichOneof('event')!r} event "
+                            "after the reservation"
+                        )
+                    text = output.add(progress.take(event.tokens.token_ids))
+                    if text:
+                        yield TextDelta(text)
+                    if event.tokens.finish_reason and progress.finish_reason is None:
+                        # Decode's own verdict. Its "stop" is a stop token that it does not
+                        # send: count it, as the first token is counted when it is one.
+                        progress.finish_reason = event.tokens.finish_reason
+                        if progress.finish_reason == "stop":
+                            progress.completion_tokens += 1
+                        decode_done = True
+            elif progress.finish_reason is None:
+                # Prefill alone (max_tokens == 1): its token is the whole answer.
+                progress.finish_reason = "length"
+
+            text = output.finish()
+            if text:
+                yield TextDelta(text)
+            finish_reason = "stop" if output.stopped else (progress.finish_reason or "length")
+            logger.debug(
+                "%s done: prompt=%d completion=%d finish=%s ttft=%.3fs total=%.3fs %s -> %s",
+                plan.request_id,
+                plan.prompt_len,
+                progress.completion_tokens,
+                finish_reason,
+                ttft,
+                time.monotonic() - started,
+                route.prefill.addr,
+                route.decode.addr if route.decode else "-",
+            )
+            yield Finished(finish_reason, plan.prompt_len, progress.completion_tokens)
+
+            if decode_done and decode_call is not None:
+                await self._drain(decode_call)
+        except grpc.aio.AioRpcError as exc:
+            err = rpc_error_to_api(current, exc)
+            if current is route.prefill and decode_call is not None and decode_call.done():
+                # Prefill often fails *because* decode gave up (e.g. the KV transfer broke).
+                decode_code = await decode_call.code()
+                decode_details = await decode_call.details()
+                err.message += f" (decode call ended with {decode_code.name}: {decode_details})"
+            raise err from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            # Our own calls were cancelled by shutdown(), not this task by its owner.
+            if self._closing and task is not None and task.cancelling() == 0:
+                raise self._shutdown_error() from None
+            raise
+        except WorkerProtocolError as exc:
+            logger.error("%s: %s", plan.request_id, exc)
+            raise APIError(500, str(exc)) from exc
+        finally:
+            # Whatever happened (done early, error, client gone), nothing stays open.
+            for call in (decode_call, prefill_call):
+                if call is not None and not call.done():
+                    call.cancel()
+
+    async def _drain(self, call: grpc.aio.UnaryStreamCall) -> None:
+        """Decode finished on its own: let its call end normally rather than cancel it."""
+        try:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            # The answer is already out; a late error only matters to the logs.
+            logger.debug("decode call ended with %s after finishing", exc.code().name)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._closing or (task is not None and task.cancelling() > 0):
+                raise
+
+    @staticmethod
+    async def _read_reserved(call: grpc.aio.UnaryStreamCall, route: Route) -> pb.KvTarget:
+        event = await call.read()
+        if event is grpc.aio.EOF:
+            raise WorkerProtocolError(f"{route.decode!r} closed the stream without reserving")
+        assert isinstance(event, pb.GenerateEvent)
+        if event.WhichOneof("event") != "reserved":
+            raise WorkerProtocolError(
+                f"{route.decode!r} sent {event.WhichOneof('event')!r} first, not 'reserved'"
+            )
+        return event.reserved

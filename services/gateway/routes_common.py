@@ -1,0 +1,88 @@
+"""Helpers shared by the chat and text completion endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from services.gateway.errors import APIError, not_supported
+from services.gateway.generate import Finished, GenerationEvent, TextDelta
+from services.gateway.protocol import SamplingFields, UsageInfo
+
+
+def reject_unsupported_sampling(body: SamplingFields) -> None:
+    if body.n is not None and body.n > 1:
+        raise not_supported(f"n={body.n} (several choices per request)", "n")
+    if body.presence_penalty:
+        raise not_supported("presence_penalty", "presence_penalty")
+    if body.frequency_penalty:
+        raise not_supported("frequency_penalty", "frequency_penalty")
+
+
+@dataclass(frozen=True)
+class Collected:
+    text: str
+    finish_reason: str
+    usage: UsageInfo
+
+
+async def _collect(events: AsyncGenerator[GenerationEvent, None]) -> Collected:
+    parts: list[str] = []
+    finished: Finished | None = None
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                finished = event
+    if finished is None:
+        raise APIError(500, "generation ended without finishing")
+    usage = UsageInfo(
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+    )
+    return Collected("".join(parts), finished.finish_reason, usage)
+
+
+class ClientGone(Exception):
+    """The client hung up before its (non-streaming) answer was ready."""
+
+
+async def collect_unless_disconnected(
+    request: Request, events: AsyncGenerator[GenerationEvent, None]
+) -> Collected:
+    """The whole answer; cancels the generation (and so the worker calls) if the client leaves.
+
+    Starlette only does that by itself for streaming responses.
+    """
+    work = asyncio.ensure_future(_collect(events))
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        # The body has been read already, so the next message can only be a disconnect.
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+                work.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone.is_set():
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if not work.done():
+            work.cancel()

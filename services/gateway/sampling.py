@@ -1,0 +1,101 @@
+"""From a validated request to what the workers are asked to do (a GenerationPlan)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.gateway.errors import bad_request
+from services.gateway.protocol import SamplingFields
+from services.gateway.tokenizer import ModelInfo
+from shared.rpc import kvrelay_pb2 as pb
+
+_UINT64 = 1 << 64
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_new_tokens: int  # counts the first token, which prefill samples
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop_token_ids: tuple[int, ...]
+    stop_strings: tuple[str, ...]
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def sampling_params(self) -> pb.SamplingParams:
+        params = pb.SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=list(self.stop_token_ids),
+        )
+        if self.seed is not None:
+            params.seed = self.seed
+        return params
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def build_plan(
+    model: ModelInfo,
+    request: SamplingFields,
+    prompt_token_ids: Sequence[int],
+    *,
+    request_id: str,
+    max_tokens: int | None,
+) -> GenerationPlan:
+    """Checks the lengths against the context and fills in the sampling defaults."""
+    prompt_len = len(prompt_token_ids)
+    ctx = model.max_context
+    if prompt_len == 0:
+        raise bad_request("the prompt is empty (0 tokens)", "prompt")
+    if max_tokens is None:
+        if prompt_len >= ctx:
+            raise bad_request(
+                f"the prompt has {prompt_len} tokens, but the model's context is {ctx} tokens "
+                f"and at least 1 must be left for the answer",
+                "messages" if hasattr(request, "messages") else "prompt",
+            )
+        max_tokens = ctx - prompt_len
+    elif prompt_len + max_tokens > ctx:
+        raise bad_request(
+            f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: "
+            f"{prompt_len + max_tokens} tokens in all, more than the model's context of "
+            f"{ctx} tokens",
+            "max_tokens",
+        )
+
+    stop_ids: list[int] = [] if request.ignore_eos else list(model.eos_token_ids)
+    for tok in request.stop_token_ids or []:
+        if tok not in stop_ids:
+            stop_ids.append(tok)
+    model.check_token_ids(stop_ids, "stop_token_ids")
+
+    stop = request.stop
+    stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+
+    top_k = request.top_k if request.top_k is not None and request.top_k > 0 else 0
+    top_k = min(top_k, model.vocab_size)  # larger means all of them; keeps it in int32
+    return GenerationPlan(
+        request_id=request_id,
+        prompt_token_ids=list(prompt_token_ids),
+        max_new_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=top_k,
+        # The wire type is uint64; any int the client sends maps onto it.
+        seed=None if request.seed is None else request.seed % _UINT64,
+        stop_token_ids=tuple(stop_ids),
+        stop_strings=tuple(s for s in stop_strings if s),
+    )

@@ -1,0 +1,123 @@
+"""The gateway's app factory and entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from services.gateway import routes_chat, routes_completions, routes_health, routes_models
+from services.gateway.auth import ApiKeyMiddleware
+from services.gateway.body_json import JsonBodyMiddleware
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import install_error_handlers
+from services.gateway.generate import Generator
+from services.gateway.router import RoundRobinRouter
+from services.gateway.state import GatewayState
+from services.gateway.tokenizer import load_model_info
+from services.gateway.worker_clients import WorkerPool
+
+logger = logging.getLogger("kvrelay.gateway")
+
+HEALTH_POLL_INTERVAL_S = 2.0
+GRACEFUL_SHUTDOWN_S = 5.0
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    if not config.prefill_addrs or not config.decode_addrs:
+        raise ValueError("the gateway needs at least one prefill and one decode worker address")
+    model = load_model_info(config.model_path, config.served_model_name, config.chat_template)
+    pool = WorkerPool(config.prefill_addrs, config.decode_addrs)
+    router = RoundRobinRouter(pool)
+    state = GatewayState(
+        config=config,
+        model=model,
+        pool=pool,
+        router=router,
+        generator=Generator(model, router, config.request_timeout_s),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Without a lifespan (some test clients) routing still works: workers count as
+        # healthy until a call fails, and /health checks on demand.
+        state.loop = asyncio.get_running_loop()
+        poller = asyncio.create_task(pool.health_loop(HEALTH_POLL_INTERVAL_S))
+        logger.info(
+            "gateway up: model %s, prefill %s, decode %s",
+            model.served_name,
+            config.prefill_addrs,
+            config.decode_addrs,
+        )
+        try:
+            yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await pool.close()
+
+    app = FastAPI(title="kvrelay gateway", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = state
+    install_error_handlers(app)
+    for module in (routes_chat, routes_completions, routes_models, routes_health):
+        app.include_router(module.router)
+    app.add_middleware(JsonBodyMiddleware)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    return app
+
+
+class _GatewayServer(uvicorn.Server):
+    """uvicorn, plus: at SIGTERM, requests in flight get a grace period, then a clean 503."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state: GatewayState = self._app.state.gateway
+        loop = state.loop
+        if loop is not None and not loop.is_closed():
+            # uvicorn stops accepting connections and waits for these requests; past the
+            # grace period they are ended with an error event rather than cut off.
+            loop.call_soon_threadsafe(
+                loop.call_later, GRACEFUL_SHUTDOWN_S, state.generator.shutdown
+            )
+        super().handle_exit(sig, frame)
+        # uvicorn raises the signal again once stopped, so the process dies of it (status 143);
+        # after a graceful stop, serve() should rather just return.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list) and sig in captured:
+            captured.remove(sig)
+
+
+def serve(config: GatewayConfig) -> None:
+    """Runs the gateway until SIGINT/SIGTERM, then returns after a graceful stop.
+
+    Requests in flight get GRACEFUL_SHUTDOWN_S seconds to finish, then end with a 503.
+    """
+    level = getattr(logging, config.log_level.upper(), logging.INFO)
+    # Libraries (grpc, asyncio) are chatty at debug level: only our own logger goes below INFO.
+    logging.basicConfig(
+        level=max(level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("kvrelay").setLevel(level)
+    app = create_app(config)
+    server = _GatewayServer(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level.lower(),
+            # A backstop: by then Generator.shutdown() has ended every request.
+            timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S) + 5,
+        ),
+        app,
+    )
+    server.run()
