@@ -73,8 +73,16 @@ def run_cluster(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model_path)
     children: list[ChildProcess] = []
     stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not stop.is_set() and not serving.is_set():
+            # Still starting: unwind at once; `finally` stops what was started.
+            raise KeyboardInterrupt
+        stop.set()
+
+    serving = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     with tempfile.TemporaryDirectory(prefix="kvrelay-up-") as workdir:
         try:
             if args.redis_url is None and not args.no_redis:
@@ -119,6 +127,7 @@ def run_cluster(args: argparse.Namespace) -> int:
                 "kvrelay is up: http://%s:%d/v1 serving %s (%d prefill, %d decode workers)",
                 health_host, args.port, args.served_model_name, args.prefill, args.decode,
             )
+            serving.set()
             while not stop.wait(0.5):
                 dead = [c for c in children if not c.alive()]
                 if dead:
@@ -128,6 +137,9 @@ def run_cluster(args: argparse.Namespace) -> int:
             return 0
         except ChildProcessError as exc:
             log.error("%s", exc)
+            return 1
+        except KeyboardInterrupt:
+            log.info("interrupted while starting")
             return 1
         finally:
             log.info("stopping %d processes", len(children))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.gateway.errors import bad_request, not_supported
 from services.gateway.protocol import (
@@ -22,16 +20,13 @@ from services.gateway.protocol import (
     UsageInfo,
 )
 from services.gateway.routes_common import (
-    ClientGone,
-    collect_unless_disconnected,
     reject_unsupported_sampling,
+    respond,
 )
 from services.gateway.sampling import build_plan, new_request_id
-from services.gateway.sse import SSE_HEADERS, event_stream
 from services.gateway.state import get_state
 
 router = APIRouter()
-logger = logging.getLogger("kvrelay.gateway")
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
@@ -133,31 +128,25 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     model_name = state.model.served_name
     events = state.generator.generate(plan)
 
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = _ChatChunks(request_id, created, model_name, include_usage)
-        return StreamingResponse(
-            event_stream(events, fmt, include_usage=include_usage, request_id=request_id),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-
-    try:
-        result = await collect_unless_disconnected(request, events)
-    except ClientGone:
-        logger.info("%s: client gone before the answer; cancelled", request_id)
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    response = ChatCompletionResponse(
-        id=request_id,
-        created=created,
-        model=model_name,
-        choices=[
-            ChatCompletionChoice(
-                index=0,
-                message=AssistantMessage(content=result.text),
-                finish_reason=result.finish_reason,
-            )
-        ],
-        usage=result.usage,
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    return await respond(
+        request,
+        events,
+        stream=bool(body.stream),
+        fmt=_ChatChunks(request_id, created, model_name, include_usage),
+        include_usage=include_usage,
+        request_id=request_id,
+        build_response=lambda result: ChatCompletionResponse(
+            id=request_id,
+            created=created,
+            model=model_name,
+            choices=[
+                ChatCompletionChoice(
+                    index=0,
+                    message=AssistantMessage(content=result.text),
+                    finish_reason=result.finish_reason,
+                )
+            ],
+            usage=result.usage,
+        ),
     )
-    return JSONResponse(response.model_dump(mode="json"))

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+import logging
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from services.gateway.errors import APIError, not_supported
 from services.gateway.generate import Finished, GenerationEvent, TextDelta
 from services.gateway.protocol import SamplingFields, UsageInfo
+from services.gateway.sse import SSE_HEADERS, ChunkFormatter, event_stream, usage_info
+
+logger = logging.getLogger("kvrelay.gateway")
 
 
 def reject_unsupported_sampling(body: SamplingFields) -> None:
@@ -42,12 +48,7 @@ async def _collect(events: AsyncGenerator[GenerationEvent, None]) -> Collected:
                 finished = event
     if finished is None:
         raise APIError(500, "generation ended without finishing")
-    usage = UsageInfo(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=finished.prompt_tokens + finished.completion_tokens,
-    )
-    return Collected("".join(parts), finished.finish_reason, usage)
+    return Collected("".join(parts), finished.finish_reason, usage_info(finished))
 
 
 class ClientGone(Exception):
@@ -86,3 +87,28 @@ async def collect_unless_disconnected(
             await watcher
         if not work.done():
             work.cancel()
+
+
+async def respond(
+    request: Request,
+    events: AsyncGenerator[GenerationEvent, None],
+    *,
+    stream: bool,
+    fmt: ChunkFormatter,
+    include_usage: bool,
+    request_id: str,
+    build_response: Callable[[Collected], BaseModel],
+) -> Response:
+    """An SSE stream of the generation, or its whole answer as one JSON body."""
+    if stream:
+        return StreamingResponse(
+            event_stream(events, fmt, include_usage=include_usage, request_id=request_id),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    try:
+        result = await collect_unless_disconnected(request, events)
+    except ClientGone:
+        logger.info("%s: client gone before the answer; cancelled", request_id)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return JSONResponse(build_response(result).model_dump(mode="json"))

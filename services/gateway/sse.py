@@ -32,6 +32,14 @@ def sse_data(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {body}\n\n"
 
 
+def usage_info(finished: Finished) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+    )
+
+
 class ChunkFormatter(Protocol):
     """The endpoint-specific shape of each chunk (chat vs text completions)."""
 
@@ -63,12 +71,7 @@ async def event_stream(
                 elif isinstance(event, Finished):
                     yield sse_data(fmt.finish(event.finish_reason))
                     if include_usage:
-                        usage = UsageInfo(
-                            prompt_tokens=event.prompt_tokens,
-                            completion_tokens=event.completion_tokens,
-                            total_tokens=event.prompt_tokens + event.completion_tokens,
-                        )
-                        yield sse_data(fmt.usage(usage))
+                        yield sse_data(fmt.usage(usage_info(event)))
         except asyncio.CancelledError:
             logger.info("%s: stream cancelled (client gone or shutdown)", request_id)
             raise

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +11,11 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.gateway.errors import APIError, bad_request
+from shared.config import served_model_name
+from shared.model.config import ModelConfig
+from shared.model.loader import resolve_model_dir
 
 logger = logging.getLogger("kvrelay.gateway")
-
-DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 @dataclass
@@ -75,43 +73,6 @@ class ModelInfo:
             )
 
 
-def resolve_model_dir(model_path: str | None) -> Path:
-    """The HF-style model directory: through shared.model.loader when it is there."""
-    if model_path is not None:
-        path = Path(model_path).expanduser()
-        # The gateway reads only the config and tokenizer: a directory without weights will do.
-        if path.is_dir() and (path / "config.json").is_file():
-            return path
-    try:
-        from shared.model.loader import resolve_model_dir as _resolve
-    except ImportError:
-        # The loader is optional for the gateway: a plain directory is all it needs.
-        if model_path is None:
-            raise RuntimeError(
-                "no model_path given and shared.model.loader (default model) is unavailable"
-            ) from None
-        return Path(model_path)
-    return Path(_resolve(model_path))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with path.open() as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else {}
-
-
-def _as_id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list):
-        return [int(v) for v in value if isinstance(v, int)]
-    return []
-
-
 def _load_chat_template(spec: str | None) -> str | None:
     if spec is None:
         return None
@@ -124,52 +85,20 @@ def _load_chat_template(spec: str | None) -> str | None:
     return path.read_text()
 
 
-def _served_name(model_path: str | None, served_model_name: str | None) -> str:
-    if served_model_name:
-        return served_model_name
-    if model_path is None:
-        return DEFAULT_SERVED_NAME
-    return os.path.basename(os.path.normpath(model_path)) or model_path
-
-
 def load_model_info(
     model_path: str | None,
-    served_model_name: str | None = None,
+    served_model_name_flag: str | None = None,
     chat_template: str | None = None,
 ) -> ModelInfo:
     model_dir = resolve_model_dir(model_path)
-    config = _read_json(model_dir / "config.json")
-    # Multimodal configs keep the language model's settings under text_config.
-    text_config = config.get("text_config")
-    sources = [config, text_config] if isinstance(text_config, dict) else [config]
-    gen_config = _read_json(model_dir / "generation_config.json")
+    config = ModelConfig.from_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-
-    max_context = next(
-        (int(src[k]) for src in sources for k in _CONTEXT_KEYS if isinstance(src.get(k), int)),
-        None,
-    )
-    if max_context is None:
-        tok_max = getattr(tokenizer, "model_max_length", None)
-        if isinstance(tok_max, int) and 0 < tok_max < 10_000_000:
-            max_context = tok_max
-        else:
-            raise ValueError(f"cannot tell the context length of the model in {model_dir}")
-
-    eos: list[int] = []
-    for ident in _as_id_list(config.get("eos_token_id")) + _as_id_list(
-        gen_config.get("eos_token_id")
-    ):
-        if ident not in eos:
-            eos.append(ident)
+    max_context = config.max_context
+    vocab_size = config.vocab_size
+    eos = list(config.eos_token_ids)
     if not eos and tokenizer.eos_token_id is not None:
         eos.append(int(tokenizer.eos_token_id))
-
-    vocab_size = next(
-        (int(src["vocab_size"]) for src in sources if isinstance(src.get("vocab_size"), int)),
-        len(tokenizer),
-    )
-    served = _served_name(model_path, served_model_name)
+    served = served_model_name(model_path, served_model_name_flag)
     names = {served}
     if model_path is not None:
         names.add(model_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import openai
@@ -51,6 +52,29 @@ def test_up_serves_and_sigterm_stops_every_child(default_model_dir: Path, tmp_pa
         os.kill(up.pid, signal.SIGTERM)
         assert up.process is not None
         assert up.process.wait(timeout=60) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        up.stop()
+
+
+def test_sigterm_while_starting_leaves_no_child(default_model_dir: Path, tmp_path: Path) -> None:
+    up = ChildProcess.kvrelay(
+        "kvrelay up",
+        ["up", "--port", str(free_port()), "--model-path", str(default_model_dir),
+         "--kv-cache-mb", "64", "--num-threads", "1"],
+        log_path=tmp_path / "up.log",
+    ).start()
+    try:
+        parent = psutil.Process(up.pid)
+        deadline = time.monotonic() + 60
+        while not any(" decode " in " ".join(c.cmdline()) for c in parent.children()):
+            assert time.monotonic() < deadline, "kvrelay up started no decode worker"
+            time.sleep(0.05)
+        children = parent.children(recursive=True)
+        os.kill(up.pid, signal.SIGTERM)
+        assert up.process is not None
+        assert up.process.wait(timeout=30) != 0  # it never came up
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, [p.pid for p in alive]
     finally:

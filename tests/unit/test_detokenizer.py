@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -12,26 +11,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from services.gateway.detokenizer import IncrementalDetokenizer, OutputText, StopStringFilter
 
 
-def _model_dir() -> Path:
-    env = os.environ.get("KVRELAY_TEST_MODEL_DIR")
-    if env:
-        return Path(env)
-    try:
-        from shared.model.loader import resolve_model_dir
-    except ImportError:
-        return Path("/tmp/smol")
-    return Path(resolve_model_dir(None))
-
-
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerBase:
-    model_dir = _model_dir()
-    if (
-        not (model_dir / "tokenizer.json").exists()
-        and not (model_dir / "tokenizer_config.json").exists()
-    ):
-        pytest.skip(f"no tokenizer in {model_dir}")
-    return AutoTokenizer.from_pretrained(str(model_dir))
+def tokenizer(default_model_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(default_model_dir)
 
 
 TEXTS = [

@@ -7,8 +7,6 @@ so whatever gets past validation fails with a 503 (and /health is 503).
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +17,8 @@ from fastapi.testclient import TestClient
 
 from services.gateway.config import GatewayConfig
 from services.gateway.server import create_app
+from services.processes import free_port
+from shared.config import DEFAULT_MODEL_NAME
 
 MODEL = "test-model"
 CHAT = "/v1/chat/completions"
@@ -26,29 +26,9 @@ COMPLETIONS = "/v1/completions"
 HELLO = [{"role": "user", "content": "Hello!"}]
 
 
-def _model_dir() -> Path:
-    env = os.environ.get("KVRELAY_TEST_MODEL_DIR")
-    if env:
-        return Path(env)
-    try:
-        from shared.model.loader import resolve_model_dir
-    except ImportError:
-        return Path("/tmp/smol")
-    return Path(resolve_model_dir(None))
-
-
-def _closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port  # nothing listens there once the socket is closed
-
-
-def _config(**overrides: Any) -> GatewayConfig:
-    model_dir = _model_dir()
-    if not (model_dir / "config.json").exists():
-        pytest.skip(f"no model in {model_dir}")
-    dead = f"127.0.0.1:{_closed_port()}"
+def _config(model_dir: Path, **overrides: Any) -> GatewayConfig:
+    # Nothing listens on a port that free_port() just let go of.
+    dead = f"127.0.0.1:{free_port()}"
     fields: dict[str, Any] = {
         "prefill_addrs": [dead],
         "decode_addrs": [dead],
@@ -61,8 +41,8 @@ def _config(**overrides: Any) -> GatewayConfig:
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    with TestClient(create_app(_config())) as c:
+def client(default_model_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(_config(default_model_dir))) as c:
         yield c
 
 
@@ -130,13 +110,10 @@ def test_models_listing(client: TestClient, max_context: int) -> None:
     assert client.get(f"/v1/models/{MODEL}").json() == card
 
 
-def test_default_served_model_name() -> None:
-    pytest.importorskip("shared.model.loader")
-    from services.gateway.tokenizer import DEFAULT_SERVED_NAME
-
-    cfg = _config(model_path=None, served_model_name=None)
+def test_default_served_model_name(default_model_dir: Path) -> None:
+    cfg = _config(default_model_dir, model_path=None, served_model_name=None)
     with TestClient(create_app(cfg)) as c:
-        assert c.get("/v1/models").json()["data"][0]["id"] == DEFAULT_SERVED_NAME
+        assert c.get("/v1/models").json()["data"][0]["id"] == DEFAULT_MODEL_NAME
 
 
 # --- request bodies ---------------------------------------------------------------------
@@ -293,8 +270,8 @@ def test_openai_sdk_sees_the_errors(client: TestClient) -> None:
 # --- API key ----------------------------------------------------------------------------
 
 
-def test_api_key() -> None:
-    with TestClient(create_app(_config(api_key="sekret"))) as c:
+def test_api_key(default_model_dir: Path) -> None:
+    with TestClient(create_app(_config(default_model_dir, api_key="sekret"))) as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
             resp = c.get("/v1/models", headers=headers)
             assert_openai_error(resp, 401)
