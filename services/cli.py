@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="comma-separated host:port of the decode workers' gRPC")
     gateway.add_env_argument("--request-timeout-s", type=float, default=600.0)
 
+    bench = commands.add_parser(
+        "bench", add_help=False, help="TTFT/TPOT load tests (kvrelay bench --help)"
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
     for role in ("prefill", "decode"):
         worker = commands.add_parser(role, help=f"one {role} worker")
         _add_common(worker)
@@ -108,6 +113,12 @@ def _split(addresses: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # The load tester has its own parser (also `python -m loadtest`).
+        from loadtest.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if args.command == "up":

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import signal
 import tempfile
 import threading
 from functools import partial
 from pathlib import Path
-
-import redis
 
 from services.processes import (
     ChildProcess,
@@ -20,6 +17,7 @@ from services.processes import (
     grpc_serving,
     http_healthy,
 )
+from services.redis_server import RedisServer
 from shared.config import served_model_name
 from shared.model.loader import resolve_model_dir
 
@@ -29,36 +27,27 @@ WORKER_READY_TIMEOUT_S = 300.0
 GATEWAY_READY_TIMEOUT_S = 120.0
 
 
-def start_redis(workdir: Path) -> tuple[ChildProcess, str] | None:
-    """A private, non-persistent redis-server on a free loopback port, if one is installed."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        log.info("no redis-server found: prefix routing will use the gateway's own history")
-        return None
-    port = free_port()
-    child = ChildProcess(
-        "redis",
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--loglevel", "warning"],
-    ).start()
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def pings() -> bool:
-        try:
-            return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
-        except redis.RedisError:
-            return False
-
-    child.wait_ready(pings, timeout_s=20)
-    return child, url
-
-
 def _worker_args(args: argparse.Namespace, role: str, model_dir: Path, port: int) -> list[str]:
     worker = [
-        role, "--model-path", str(model_dir), "--served-model-name", args.served_model_name,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
-        "--kv-cache-mb", str(args.kv_cache_mb), "--block-size", str(args.block_size),
-        "--kv-transport", args.kv_transport, "--log-level", args.log_level,
+        role,
+        "--model-path",
+        str(model_dir),
+        "--served-model-name",
+        args.served_model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        args.dtype,
+        "--kv-cache-mb",
+        str(args.kv_cache_mb),
+        "--block-size",
+        str(args.block_size),
+        "--kv-transport",
+        args.kv_transport,
+        "--log-level",
+        args.log_level,
     ]
     if args.num_threads:
         worker += ["--num-threads", str(args.num_threads)]
@@ -86,11 +75,14 @@ def run_cluster(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kvrelay-up-") as workdir:
         try:
             if args.redis_url is None and not args.no_redis:
-                started = start_redis(Path(workdir))
-                if started is not None:
-                    children.append(started[0])
-                    args.redis_url = started[1]
+                if RedisServer.available():
+                    private_redis = RedisServer(Path(workdir))
+                    children.append(private_redis.process)
+                    private_redis.start()
+                    args.redis_url = private_redis.url
                     log.info("private Redis at %s", args.redis_url)
+                else:
+                    log.info("no redis-server found: routing without the prefix index")
             addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
             workers: list[tuple[ChildProcess, str]] = []
             for role, count in (("prefill", args.prefill), ("decode", args.decode)):
@@ -105,12 +97,21 @@ def run_cluster(args: argparse.Namespace) -> int:
             for child, address in workers:
                 child.wait_ready(partial(grpc_serving, address), WORKER_READY_TIMEOUT_S)
             gateway_args = [
-                "gateway", "--model-path", str(model_dir),
-                "--served-model-name", args.served_model_name,
-                "--host", args.host, "--port", str(args.port),
-                "--prefill-addrs", ",".join(addresses["prefill"]),
-                "--decode-addrs", ",".join(addresses["decode"]),
-                "--log-level", args.log_level,
+                "gateway",
+                "--model-path",
+                str(model_dir),
+                "--served-model-name",
+                args.served_model_name,
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+                "--prefill-addrs",
+                ",".join(addresses["prefill"]),
+                "--decode-addrs",
+                ",".join(addresses["decode"]),
+                "--log-level",
+                args.log_level,
             ]
             if args.api_key:
                 gateway_args += ["--api-key", args.api_key]
@@ -125,14 +126,21 @@ def run_cluster(args: argparse.Namespace) -> int:
             )
             log.info(
                 "kvrelay is up: http://%s:%d/v1 serving %s (%d prefill, %d decode workers)",
-                health_host, args.port, args.served_model_name, args.prefill, args.decode,
+                health_host,
+                args.port,
+                args.served_model_name,
+                args.prefill,
+                args.decode,
             )
             serving.set()
             while not stop.wait(0.5):
                 dead = [c for c in children if not c.alive()]
                 if dead:
-                    log.error("%s exited with code %s: stopping the cluster",
-                              dead[0].name, dead[0].returncode())
+                    log.error(
+                        "%s exited with code %s: stopping the cluster",
+                        dead[0].name,
+                        dead[0].returncode(),
+                    )
                     return 1
             return 0
         except ChildProcessError as exc:

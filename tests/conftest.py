@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from services.redis_server import RedisServer
 from shared.model.loader import resolve_model_dir
 from tests.cluster import Cluster, start_cluster
 
@@ -31,3 +32,13 @@ def default_cluster(
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server of the suite's own; tests flush what they use."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
