@@ -50,6 +50,14 @@ def _add_gateway_flags(parser: _EnvParser) -> None:
     parser.add_env_argument("--api-key", default=None, help="require this Bearer key on /v1/*")
     parser.add_env_argument("--chat-template", default=None,
                             help="Jinja chat template (file or inline) overriding the model's")
+    parser.add_env_argument("--router-policy", default=None,
+                            choices=["prefix", "approx", "round_robin", "least_load"],
+                            help="how prompts pick a prefill worker (default: prefix with "
+                                 "Redis, approx without)")
+    parser.add_env_argument("--router-uncached-weight", type=float, default=1.0,
+                            help="routing cost per prompt token the worker has to compute")
+    parser.add_env_argument("--router-load-weight", type=float, default=1.0,
+                            help="routing cost per prompt token queued on the worker")
 
 
 def _add_worker_flags(parser: _EnvParser) -> None:
@@ -60,6 +68,10 @@ def _add_worker_flags(parser: _EnvParser) -> None:
     parser.add_env_argument("--kv-transport", default="zmq", choices=["zmq"])
     parser.add_env_argument("--num-threads", type=int, default=None,
                             help="torch threads per worker")
+    parser.add_env_argument("--max-prefill-tokens", type=int, default=4096,
+                            help="prompt tokens computed in one step, all prompts together")
+    parser.add_env_argument("--chunked-prefill-size", type=int, default=2048,
+                            help="longest piece of one prompt in one step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_env_argument("--decode", type=int, default=1, help="number of decode workers")
     up.add_env_argument("--no-redis", action="store_true",
                         help="do not start a private redis-server")
+    up.add_env_argument("--colocated", action="store_true",
+                        help="one process doing prefill and decode (mixed chunked prefill), "
+                             "instead of disaggregated workers: the baseline to compare with")
 
     gateway = commands.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
     _add_common(gateway)
@@ -100,11 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
         worker.add_env_argument("--advertise-host", default=None,
                                 help="address other services use to reach this worker")
         worker.add_env_argument("--worker-id", default="")
+        worker.add_env_argument("--max-queued-requests", type=int, default=256,
+                                help="requests waiting for compute or KV pages before 503s")
         if role == "decode":
             worker.add_env_argument("--kv-port", type=int, default=0,
                                     help="KV receive port (0: any free)")
             worker.add_env_argument("--kv-timeout-s", type=float, default=60.0,
                                     help="how long reserved pages wait for their KV")
+            worker.add_env_argument("--queue-timeout-s", type=float, default=30.0,
+                                    help="longest wait for KV pages before a 503")
+            worker.add_env_argument("--colocated", action="store_true",
+                                    help="also prefill, in this process (for comparison)")
     return parser
 
 
@@ -141,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 chat_template=args.chat_template,
                 request_timeout_s=args.request_timeout_s,
                 log_level=args.log_level,
+                redis_url=args.redis_url,
+                router_policy=args.router_policy,
+                router_uncached_weight=args.router_uncached_weight,
+                router_load_weight=args.router_load_weight,
             )
         )
         return 0
@@ -165,6 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "decode":
         config.kv_port = args.kv_port
         config.kv_timeout_s = args.kv_timeout_s
+        config.queue_timeout_s = args.queue_timeout_s
+        config.colocated = args.colocated
+        if args.colocated:
+            config.kv_transport = "local"
+    config.max_prefill_tokens = args.max_prefill_tokens
+    config.chunked_prefill_size = args.chunked_prefill_size
+    config.max_queued_requests = args.max_queued_requests
     run_worker(config)
     return 0
 

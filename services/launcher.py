@@ -51,6 +51,10 @@ def _worker_args(args: argparse.Namespace, role: str, model_dir: Path, port: int
     ]
     if args.num_threads:
         worker += ["--num-threads", str(args.num_threads)]
+    worker += ["--max-prefill-tokens", str(args.max_prefill_tokens),
+               "--chunked-prefill-size", str(args.chunked_prefill_size)]
+    if args.colocated:
+        worker += ["--colocated"]
     if args.redis_url:
         worker += ["--redis-url", args.redis_url]
     return worker
@@ -85,7 +89,10 @@ def run_cluster(args: argparse.Namespace) -> int:
                     log.info("no redis-server found: routing without the prefix index")
             addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
             workers: list[tuple[ChildProcess, str]] = []
-            for role, count in (("prefill", args.prefill), ("decode", args.decode)):
+            roles = [("prefill", args.prefill), ("decode", args.decode)]
+            if args.colocated:
+                roles = [("decode", 1)]  # one process serving both roles
+            for role, count in roles:
                 for index in range(count):
                     port = free_port()
                     worker_args = _worker_args(args, role, model_dir, port)
@@ -94,6 +101,8 @@ def run_cluster(args: argparse.Namespace) -> int:
                     address = f"127.0.0.1:{port}"
                     addresses[role].append(address)
                     workers.append((child, address))
+            if args.colocated:
+                addresses["prefill"] = addresses["decode"]
             for child, address in workers:
                 child.wait_ready(partial(grpc_serving, address), WORKER_READY_TIMEOUT_S)
             gateway_args = [
@@ -115,6 +124,16 @@ def run_cluster(args: argparse.Namespace) -> int:
             ]
             if args.api_key:
                 gateway_args += ["--api-key", args.api_key]
+            if args.redis_url:
+                gateway_args += ["--redis-url", args.redis_url]
+            if args.router_policy:
+                gateway_args += ["--router-policy", args.router_policy]
+            gateway_args += [
+                "--router-uncached-weight",
+                str(args.router_uncached_weight),
+                "--router-load-weight",
+                str(args.router_load_weight),
+            ]
             if args.chat_template:
                 gateway_args += ["--chat-template", args.chat_template]
             gateway = ChildProcess.kvrelay("gateway", gateway_args).start()
@@ -125,12 +144,13 @@ def run_cluster(args: argparse.Namespace) -> int:
                 GATEWAY_READY_TIMEOUT_S,
             )
             log.info(
-                "kvrelay is up: http://%s:%d/v1 serving %s (%d prefill, %d decode workers)",
+                "kvrelay is up: http://%s:%d/v1 serving %s (%s)",
                 health_host,
                 args.port,
                 args.served_model_name,
-                args.prefill,
-                args.decode,
+                "colocated: 1 process for both roles"
+                if args.colocated
+                else f"{args.prefill} prefill, {args.decode} decode workers",
             )
             serving.set()
             while not stop.wait(0.5):

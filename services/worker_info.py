@@ -8,7 +8,11 @@ from shared.rpc import kvrelay_pb2 as pb
 
 
 def worker_info(
-    config: WorkerConfig, runner: ModelRunner, model_name: str, kv_endpoint: str
+    config: WorkerConfig,
+    runner: ModelRunner,
+    model_name: str,
+    kv_endpoint: str,
+    cached_pages: int = 0,
 ) -> pb.WorkerInfo:
     return pb.WorkerInfo(
         worker_id=config.worker_id,
@@ -20,4 +24,5 @@ def worker_info(
         free_pages=runner.pool.num_free,
         max_context=runner.config.max_context,
         kv_endpoint=kv_endpoint,
+        cached_pages=cached_pages,
     )

@@ -11,15 +11,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from services.decode.colocated_prefill import ColocatedPrefillService
 from services.decode.engine import DecodeEngine
 from services.decode.service import DecodeService
-from services.prefill.engine import PrefillEngine
+from services.prefill.engine import PrefillEngine, PrefillLimits
 from services.prefill.service import PrefillService
 from shared.config import WorkerConfig, served_model_name
 from shared.model.loader import resolve_model_dir
 from shared.model.runner import ModelRunner
+from shared.prefix_cache import PrefixCache
 from shared.rpc import kvrelay_pb2_grpc as pb_grpc
 from shared.transfer import make_receiver, make_sender
+from shared.transfer.local_transport import LocalKvReceiver
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +49,26 @@ async def _serve(config: WorkerConfig) -> None:
     )
     model_name = served_model_name(config.model_path, config.served_model_name)
     server = grpc.aio.server(options=GRPC_OPTIONS)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     service: PrefillService | DecodeService
     if config.role == "prefill":
-        service = PrefillService(
-            config, PrefillEngine(runner, make_sender(config.kv_transport)), model_name
-        )
+        service = _prefill_service(config, runner, model_name, f"{config.public_host}:{port}")
         pb_grpc.add_PrefillWorkerServicer_to_server(service, server)
         service_name = "kvrelay.v1.PrefillWorker"
     elif config.role == "decode":
-        receiver = make_receiver(
-            config.kv_transport, runner.pool, config.host, config.kv_port, config.public_host
-        )
-        engine = DecodeEngine(runner)
-        engine.start()
-        service = DecodeService(config, engine, receiver, model_name)
+        service = _decode_service(config, runner, model_name)
         pb_grpc.add_DecodeWorkerServicer_to_server(service, server)
         service_name = "kvrelay.v1.DecodeWorker"
+        if config.colocated:
+            assert isinstance(service.receiver, LocalKvReceiver)
+            pb_grpc.add_PrefillWorkerServicer_to_server(
+                ColocatedPrefillService(config, service.engine, service.receiver, model_name),
+                server,
+            )
     else:
         raise ValueError(f"unknown worker role {config.role!r}")
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     for name in ("", service_name):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -91,3 +93,36 @@ async def _serve(config: WorkerConfig) -> None:
     await health.enter_graceful_shutdown()
     await server.stop(grace=5)
     service.close()
+
+
+def _prefill_service(
+    config: WorkerConfig, runner: ModelRunner, model_name: str, grpc_address: str
+) -> PrefillService:
+    publisher = None
+    if config.redis_url:
+        # Announces the prefix cache's blocks so gateways can route prompts to them.
+        from shared.prefix_index import PrefixIndexPublisher
+
+        publisher = PrefixIndexPublisher(config.redis_url, config.worker_id, grpc_address)
+    cache = PrefixCache(
+        runner.pool,
+        on_stored=publisher.blocks_stored if publisher else None,
+        on_removed=publisher.blocks_removed if publisher else None,
+    )
+    limits = PrefillLimits(config.max_prefill_tokens, config.chunked_prefill_size)
+    engine = PrefillEngine(runner, make_sender(config.kv_transport), model_name, cache, limits)
+    engine.start()
+    if publisher is not None:
+        publisher.set_snapshot(cache.snapshot)
+        publisher.start()
+    return PrefillService(config, engine, model_name, publisher)
+
+
+def _decode_service(config: WorkerConfig, runner: ModelRunner, model_name: str) -> DecodeService:
+    receiver = make_receiver(
+        config.kv_transport, runner.pool, config.host, config.kv_port, config.public_host,
+        worker_id=config.worker_id,
+    )
+    engine = DecodeEngine(runner, config.max_prefill_tokens, config.chunked_prefill_size)
+    engine.start()
+    return DecodeService(config, engine, receiver, model_name)

@@ -25,6 +25,11 @@ class WorkerConfig:
     kv_transport: str = "zmq"
     kv_port: int = 0                   # decode: KV receive port (0: pick a free one)
     kv_timeout_s: float = 60.0         # decode: how long reserved pages wait for their KV
+    max_queued_requests: int = 256     # requests waiting for compute or KV pages, at most
+    queue_timeout_s: float = 30.0      # decode: longest wait for KV pages before a 503
+    max_prefill_tokens: int = 4096     # prefill: tokens of all prompts in one step
+    chunked_prefill_size: int = 2048   # prefill: longest piece of one prompt in one step
+    colocated: bool = False            # decode: also prefill in this process (local KV)
     num_threads: int | None = None     # torch intra-op threads
     redis_url: str | None = None
     served_model_name: str | None = None

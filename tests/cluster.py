@@ -41,8 +41,11 @@ class Cluster:
             infos = [(a, self.worker_info(a, "prefill")) for a in self.prefill_addrs] + [
                 (a, self.worker_info(a, "decode")) for a in self.decode_addrs
             ]
+            # Pages kept only by a prefix cache are idle: evictable on demand.
             busy = [
-                (a, i.num_pages - i.free_pages) for a, i in infos if i.free_pages < i.num_pages
+                (a, i.num_pages - i.free_pages - i.cached_pages)
+                for a, i in infos
+                if i.free_pages + i.cached_pages < i.num_pages
             ]
             if not busy:
                 return
@@ -73,8 +76,12 @@ def start_cluster(
     worker_args: Sequence[str] = (),
     decode_args: Sequence[str] = (),
     gateway_args: Sequence[str] = (),
+    colocated: bool = False,
 ) -> Cluster:
+    """Separate prefill and decode processes, or with `colocated` one process for both."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    if colocated:
+        num_prefill, num_decode, decode_args = 0, 1, [*decode_args, "--colocated"]
     gateway_port = free_port()
     cluster = Cluster(f"http://127.0.0.1:{gateway_port}", model_name, [], [], log_dir)
     common = ["--model-path", str(model_dir), "--served-model-name", model_name,
@@ -96,6 +103,8 @@ def start_cluster(
             cluster.processes, cluster.prefill_addrs + cluster.decode_addrs, strict=True
         ):
             process.wait_ready(partial(grpc_serving, address), timeout_s=180)
+        if colocated:
+            cluster.prefill_addrs = list(cluster.decode_addrs)
         gateway = ChildProcess.kvrelay(
             "gateway",
             ["gateway", "--port", str(gateway_port), "--model-path", str(model_dir),

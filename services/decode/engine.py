@@ -2,6 +2,10 @@
 
 One engine thread owns the model. Every step runs one batched forward over all
 running sequences; sequences join and leave between steps.
+
+In colocated mode (one process doing both roles, for comparison with disaggregation)
+the same step also carries chunks of prompts being prefilled into their reserved pages,
+up to a token budget: the mixed batching of SGLang's and vLLM's chunked prefill.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from shared.kv_pool import KVPoolExhausted
 from shared.model.runner import ModelRunner, SeqSlice
@@ -29,6 +35,19 @@ class TokenEvent:
 
 
 @dataclass
+class LocalPrefill:
+    """A prompt computed by this engine into pages its submitter holds (colocated mode)."""
+
+    request_id: str
+    prompt: list[int]
+    page_ids: list[int]
+    params: SamplingParams
+    # Called once, from the engine thread: (first token, logprob) or the error.
+    done: Callable[[int, float, str | None], None]
+    computed: int = 0
+
+
+@dataclass
 class DecodeSequence:
     request_id: str
     # Prompt and answer so far; the last token's KV is not computed yet.
@@ -41,10 +60,18 @@ class DecodeSequence:
 
 
 class DecodeEngine:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_prefill_tokens: int = 512,
+        chunked_prefill_size: int = 512,
+    ) -> None:
         self.runner = runner
+        self.max_prefill_tokens = max_prefill_tokens
+        self.chunked_prefill_size = chunked_prefill_size
         self._running: dict[str, DecodeSequence] = {}
         self._inbox: list[DecodeSequence] = []
+        self._prefills: list[LocalPrefill] = []
         self._aborts: set[str] = set()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -65,6 +92,11 @@ class DecodeEngine:
             self._inbox.append(seq)
             self._wakeup.notify()
 
+    def submit_prefill(self, task: LocalPrefill) -> None:
+        with self._wakeup:
+            self._prefills.append(task)
+            self._wakeup.notify()
+
     def abort(self, request_id: str) -> None:
         """Ends a sequence at the next step boundary; a no-op for unknown ids."""
         with self._wakeup:
@@ -78,7 +110,9 @@ class DecodeEngine:
     def _loop(self) -> None:
         while True:
             with self._wakeup:
-                while not (self._stopping or self._inbox or self._aborts or self._running):
+                while not (
+                    self._stopping or self._inbox or self._aborts or self._running or self._prefills
+                ):
                     self._wakeup.wait()
                 if self._stopping:
                     break
@@ -86,21 +120,29 @@ class DecodeEngine:
                     self._running[seq.request_id] = seq
                 self._inbox.clear()
                 aborts, self._aborts = self._aborts, set()
+                prefills = list(self._prefills)
             for request_id in aborts:
                 aborted = self._running.get(request_id)
                 if aborted is not None:
                     self._finish(aborted, TokenEvent(None, 0.0, "abort"))
-            if self._running:
+                for task in [t for t in prefills if t.request_id == request_id]:
+                    self._end_prefill(task, error="cancelled by the caller")
+                    prefills.remove(task)
+            if self._running or prefills:
                 try:
-                    self._step()
+                    self._step(prefills)
                 except Exception as exc:  # a failed step must not strand its sequences
                     log.exception("decode step failed")
                     for seq in list(self._running.values()):
                         self._finish(seq, TokenEvent(None, 0.0, None, f"decode step failed: {exc}"))
+                    for task in prefills:
+                        self._end_prefill(task, error=f"prefill step failed: {exc}")
         for seq in list(self._running.values()) + self._inbox:
             self._finish(seq, TokenEvent(None, 0.0, None, "decode worker shutting down"))
+        for task in list(self._prefills):
+            self._end_prefill(task, error="worker shutting down")
 
-    def _step(self) -> None:
+    def _step(self, prefills: list[LocalPrefill]) -> None:
         pool = self.runner.pool
         batch: list[DecodeSequence] = []
         for seq in list(self._running.values()):
@@ -112,12 +154,29 @@ class DecodeEngine:
                     self._finish(seq, TokenEvent(None, 0.0, None, "decode KV pool exhausted"))
                     continue
             batch.append(seq)
+        slices = [SeqSlice([s.token_ids[-1]], len(s.token_ids) - 1, s.page_ids) for s in batch]
+        # Prompt chunks ride along in the same forward, within the step's token budget.
+        chunks: list[tuple[LocalPrefill, int]] = []
+        budget = self.max_prefill_tokens
+        for task in prefills:
+            if budget <= 0:
+                break
+            take = min(len(task.prompt) - task.computed, self.chunked_prefill_size, budget)
+            chunks.append((task, take))
+            slices.append(
+                SeqSlice(
+                    task.prompt[task.computed : task.computed + take], task.computed, task.page_ids
+                )
+            )
+            budget -= take
+        if not slices:
+            return
+        logits = self.runner.forward(slices)
+        self._advance_prefills(chunks, logits[len(batch) :])
         if not batch:
             return
-        slices = [SeqSlice([s.token_ids[-1]], len(s.token_ids) - 1, s.page_ids) for s in batch]
-        logits = self.runner.forward(slices)
         token_ids, logprobs = sample(
-            logits, [s.params for s in batch], [s.num_output for s in batch]
+            logits[: len(batch)], [s.params for s in batch], [s.num_output for s in batch]
         )
         max_context = self.runner.config.max_context
         for seq, token_id, logprob in zip(batch, token_ids, logprobs, strict=True):
@@ -133,6 +192,33 @@ class DecodeEngine:
                 seq.emit(event)
             else:
                 self._finish(seq, event)
+
+    def _advance_prefills(
+        self, chunks: list[tuple[LocalPrefill, int]], logits: torch.Tensor
+    ) -> None:
+        finished = []
+        for row, (task, take) in enumerate(chunks):
+            task.computed += take
+            if task.computed == len(task.prompt):
+                finished.append((row, task))
+        if not finished:
+            return
+        tokens, logprobs = sample(
+            logits[[row for row, _ in finished]],
+            [task.params for _, task in finished],
+            [0] * len(finished),
+        )
+        for (_, task), token, logprob in zip(finished, tokens, logprobs, strict=True):
+            self._end_prefill(task, token, logprob)
+
+    def _end_prefill(
+        self, task: LocalPrefill, token: int = -1, logprob: float = 0.0, error: str | None = None
+    ) -> None:
+        with self._wakeup:
+            if task not in self._prefills:
+                return
+            self._prefills.remove(task)
+        task.done(token, logprob, error)
 
     def _finish(self, seq: DecodeSequence, event: TokenEvent) -> None:
         if seq.finished:

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.decode.admission import AdmissionRejected, PageAdmission
 from services.decode.engine import DecodeEngine, DecodeSequence, TokenEvent
 from services.worker_info import worker_info
 from shared.config import WorkerConfig
-from shared.kv_pool import KVPoolExhausted
 from shared.rpc import kvrelay_pb2 as pb
 from shared.rpc import kvrelay_pb2_grpc as pb_grpc
 from shared.rpc.convert import sampling_from_pb
@@ -28,6 +28,11 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         self.engine = engine
         self.receiver = receiver
         self.model_name = model_name
+        self.admission = PageAdmission(
+            engine.runner.pool,
+            max_waiting=config.max_queued_requests,
+            headroom_pages=lambda: engine.num_running,
+        )
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -44,9 +49,14 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                 f"{runner.config.max_context}",
             )
         try:
-            pages = pool.allocate(pool.pages_for(len(prompt)))
-        except KVPoolExhausted as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode KV pool full: {exc}")
+            pages = await self.admission.reserve(
+                pool.pages_for(len(prompt)), self.config.queue_timeout_s
+            )
+        except AdmissionRejected as exc:
+            code = (
+                grpc.StatusCode.INVALID_ARGUMENT if exc.ever else grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+            await context.abort(code, f"decode worker {self.config.worker_id}: {exc}")
         submitted = False
         try:
             arrival_future = self.receiver.expect(request_id, pages)
@@ -63,8 +73,9 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                     asyncio.wrap_future(arrival_future), self.config.kv_timeout_s
                 )
             except TimeoutError:
-                log.warning("request %s: KV did not arrive in %.0f s", request_id,
-                            self.config.kv_timeout_s)
+                log.warning(
+                    "request %s: KV did not arrive in %.0f s", request_id, self.config.kv_timeout_s
+                )
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "KV did not arrive in time")
             except KvTransferError as exc:
                 await context.abort(grpc.StatusCode.ABORTED, str(exc))
@@ -83,9 +94,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             def emit(event: TokenEvent) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-            self.engine.submit(
-                DecodeSequence(request_id, [*prompt, first], pages, params, 1, emit)
-            )
+            self.engine.submit(DecodeSequence(request_id, [*prompt, first], pages, params, 1, emit))
             submitted = True
             while True:
                 batch = [await events.get()]

@@ -17,3 +17,14 @@ class GatewayConfig:
     chat_template: str | None = None  # file path or inline Jinja; overrides the tokenizer's
     request_timeout_s: float = 600.0
     log_level: str = "info"
+    redis_url: str | None = None  # the prefix index; None: route without it
+    router_policy: str | None = None  # prefix|approx|round_robin|least_load; None: see below
+    router_uncached_weight: float = 1.0  # cost per prompt token the worker must compute
+    router_load_weight: float = 1.0  # cost per prompt token already queued on the worker
+
+    @property
+    def effective_router_policy(self) -> str:
+        """`prefix` with a Redis index, `approx` without, unless configured."""
+        if self.router_policy:
+            return self.router_policy
+        return "prefix" if self.redis_url else "approx"

@@ -58,8 +58,16 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# Overload answers tell clients when to come back instead of hammering a full cluster.
+RETRY_AFTER_S = 1
+
+
 def error_response(err: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers: dict[str, str] | None = None
+    if err.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif err.status in (429, 503):
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 

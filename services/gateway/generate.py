@@ -7,6 +7,9 @@
 The gateway turns tokens into text (stop strings included) and cancels whatever call is
 still open when it is done early, fails, or the client goes away: cancelling Generate
 is how decode frees the request's pages.
+
+A pair that fails before anything reached the client (a worker down, unreachable, or lost
+mid-call) is replaced by another pair, up to MAX_ATTEMPTS times within the request's deadline.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -31,6 +35,9 @@ from shared.rpc import kvrelay_pb2 as pb
 
 logger = logging.getLogger("kvrelay.gateway")
 
+# Tries of one request on different prefill/decode pairs, while nothing has been streamed.
+MAX_ATTEMPTS = 3
+
 
 @dataclass(frozen=True)
 class TextDelta:
@@ -42,6 +49,7 @@ class Finished:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV prefill found in its prefix cache
 
 
 GenerationEvent = TextDelta | Finished
@@ -63,8 +71,11 @@ _CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
 
 
 def rpc_error_to_api(worker: WorkerClient, exc: grpc.aio.AioRpcError) -> APIError:
-    code = exc.code()
-    details = exc.details() or code.name
+    return rpc_status_to_api(worker, exc.code(), exc.details())
+
+
+def rpc_status_to_api(worker: WorkerClient, code: grpc.StatusCode, details: str | None) -> APIError:
+    details = details or code.name
     if code == grpc.StatusCode.UNAVAILABLE:
         worker.mark_failed(details)
     message = f"{worker!r} failed: {code.name}: {details}"
@@ -73,6 +84,24 @@ def rpc_error_to_api(worker: WorkerClient, exc: grpc.aio.AioRpcError) -> APIErro
     if code in _UNAVAILABLE_CODES:
         return APIError(503, message, type=UNAVAILABLE, code=code.name.lower())
     return APIError(500, message, code=code.name.lower())
+
+
+def _lost_worker(route: Route, since: float) -> WorkerClient | None:
+    """The worker of this pair whose calls were abandoned (it failed) since `since`."""
+    for worker in (route.prefill, route.decode):
+        if worker is not None and worker.abandoned_at >= since:
+            return worker
+    return None
+
+
+def _worker_lost(worker: WorkerClient) -> APIError:
+    return APIError(503, f"{worker!r} stopped answering during the request",
+                    type=UNAVAILABLE, code="worker_lost")
+
+
+def _retryable(error: APIError) -> bool:
+    """A worker was unavailable, full or lost: another pair may well answer."""
+    return error.status == 503 and error.code != "shutdown"
 
 
 @dataclass
@@ -138,10 +167,43 @@ class Generator:
         """Text deltas as they come, then one Finished. Raises APIError on failure."""
         if self._closing:
             raise self._shutdown_error()
-        route = self._router.route(plan.prompt_token_ids, needs_decode=plan.max_new_tokens > 1)
+        deadline = time.monotonic() + self._timeout_s
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            route = await self._router.route(
+                plan.prompt_token_ids,
+                needs_decode=plan.max_new_tokens > 1,
+                cache_salt=plan.cache_salt,
+            )
+            # A fresh id per attempt: the old one may still be winding down on a worker.
+            request_id = plan.request_id if attempt == 1 else f"{plan.request_id}-{attempt}"
+            emitted = False
+            try:
+                async with aclosing(self._attempt(plan, route, request_id, deadline)) as events:
+                    async for event in events:
+                        emitted = True
+                        yield event
+                return
+            except APIError as exc:
+                last_try = attempt == MAX_ATTEMPTS or time.monotonic() >= deadline
+                if emitted or last_try or self._closing or not _retryable(exc):
+                    raise
+                logger.warning(
+                    "%s: attempt %d (%s -> %s) failed before any output, retrying: %s",
+                    plan.request_id,
+                    attempt,
+                    route.prefill.addr,
+                    route.decode.addr if route.decode else "-",
+                    exc.message,
+                )
+            finally:
+                route.release()  # the router's load figures: this attempt is over
+
+    async def _attempt(
+        self, plan: GenerationPlan, route: Route, request_id: str, deadline: float
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """One try on one prefill/decode pair."""
         output = OutputText(self._model.tokenizer, plan.stop_strings)
         progress = _Progress(plan)
-        deadline = time.monotonic() + self._timeout_s
         decode_call: grpc.aio.UnaryStreamCall | None = None
         prefill_call: grpc.aio.UnaryUnaryCall | None = None
         current: WorkerClient = route.prefill  # the worker whose answer is awaited
@@ -154,29 +216,42 @@ class Generator:
                 decode_call = self._track(
                     route.decode.decode_stub().Generate(
                         pb.GenerateRequest(
-                            request_id=plan.request_id,
+                            request_id=request_id,
                             prompt_token_ids=plan.prompt_token_ids,
                             sampling=plan.sampling_params(),
                         ),
-                        timeout=self._timeout_s,
+                        timeout=max(deadline - time.monotonic(), 0.001),
                     )
                 )
+                route.decode.track(decode_call)
                 kv_target = await self._read_reserved(decode_call, route)
 
             current = route.prefill
             prefill_call = self._track(
                 route.prefill.prefill_stub().Prefill(
                     pb.PrefillRequest(
-                        request_id=plan.request_id,
+                        request_id=request_id,
                         prompt_token_ids=plan.prompt_token_ids,
                         sampling=plan.sampling_params(),
                         kv_target=kv_target,
+                        cache_salt=plan.cache_salt or "",
                     ),
                     timeout=max(deadline - time.monotonic(), 0.001),
                 )
             )
+            route.prefill.track(prefill_call)
+            if route.decode is not None:
+                route.decode.track(prefill_call)  # its KV goes to decode: useless if decode is lost
             first = await prefill_call
+            route.prefill_done(first.cached_tokens)
             ttft = time.monotonic() - started
+            if decode_call is not None and decode_call.done():
+                # Decode failed while prefill worked (e.g. it died): nothing is out yet, so the
+                # request can still go to another pair.
+                decode_code = await decode_call.code()
+                if decode_code != grpc.StatusCode.OK:
+                    assert route.decode is not None
+                    raise rpc_status_to_api(route.decode, decode_code, await decode_call.details())
 
             text = output.add(progress.take([first.first_token_id]))
             if text:
@@ -217,7 +292,7 @@ class Generator:
             finish_reason = "stop" if output.stopped else (progress.finish_reason or "length")
             logger.debug(
                 "%s done: prompt=%d completion=%d finish=%s ttft=%.3fs total=%.3fs %s -> %s",
-                plan.request_id,
+                request_id,
                 plan.prompt_len,
                 progress.completion_tokens,
                 finish_reason,
@@ -226,26 +301,47 @@ class Generator:
                 route.prefill.addr,
                 route.decode.addr if route.decode else "-",
             )
-            yield Finished(finish_reason, plan.prompt_len, progress.completion_tokens)
+            yield Finished(
+                finish_reason, plan.prompt_len, progress.completion_tokens, first.cached_tokens
+            )
 
             if decode_done and decode_call is not None:
                 await self._drain(decode_call)
         except grpc.aio.AioRpcError as exc:
-            err = rpc_error_to_api(current, exc)
-            if current is route.prefill and decode_call is not None and decode_call.done():
-                # Prefill often fails *because* decode gave up (e.g. the KV transfer broke).
+            lost = _lost_worker(route, started)
+            if exc.code() == grpc.StatusCode.CANCELLED and lost is not None:
+                # A stream read reports our own cancel as CANCELLED rather than CancelledError.
+                raise _worker_lost(lost) from exc
+            decode_failed = (
+                current is route.prefill
+                and route.decode is not None
+                and decode_call is not None
+                and decode_call.done()
+                and await decode_call.code() != grpc.StatusCode.OK
+            )
+            if decode_failed and route.decode is not None and decode_call is not None:
+                # Prefill often fails *because* decode gave up (e.g. the KV transfer broke, or
+                # decode died): blame decode, not the prefill worker.
                 decode_code = await decode_call.code()
                 decode_details = await decode_call.details()
-                err.message += f" (decode call ended with {decode_code.name}: {decode_details})"
+                err = rpc_status_to_api(route.decode, decode_code, decode_details)
+                err.message += f" (prefill call ended with {exc.code().name}: {exc.details()})"
+            else:
+                err = rpc_error_to_api(current, exc)
             raise err from exc
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            # Our own calls were cancelled by shutdown(), not this task by its owner.
-            if self._closing and task is not None and task.cancelling() == 0:
-                raise self._shutdown_error() from None
+            if task is not None and task.cancelling() == 0:
+                # Our own calls were cancelled, not this task by its owner: by shutdown(), or
+                # because a worker of this pair failed (health check, broken call) mid-call.
+                if self._closing:
+                    raise self._shutdown_error() from None
+                lost = _lost_worker(route, started)
+                if lost is not None:
+                    raise _worker_lost(lost) from None
             raise
         except WorkerProtocolError as exc:
-            logger.error("%s: %s", plan.request_id, exc)
+            logger.error("%s: %s", request_id, exc)
             raise APIError(500, str(exc)) from exc
         finally:
             # Whatever happened (done early, error, client gone), nothing stays open.
@@ -262,8 +358,10 @@ class Generator:
             # The answer is already out; a late error only matters to the logs.
             logger.debug("decode call ended with %s after finishing", exc.code().name)
         except asyncio.CancelledError:
+            # Our call cancelled (shutdown, or its worker failed) after the answer was out:
+            # nothing to report. The task itself being cancelled is another matter.
             task = asyncio.current_task()
-            if not self._closing or (task is not None and task.cancelling() > 0):
+            if task is None or task.cancelling() > 0:
                 raise
 
     @staticmethod

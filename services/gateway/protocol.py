@@ -53,6 +53,8 @@ class SamplingFields(_Request):
     top_k: int | None = None  # <= 0 or -1: off
     ignore_eos: bool | None = False
     stop_token_ids: list[TokenId] | None = None
+    # Isolates this tenant's cached prefixes from others' (vLLM's name for it).
+    cache_salt: str | None = Field(default=None, max_length=1024)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -75,10 +77,15 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(default=None, ge=1)
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -25,6 +25,7 @@ class GenerationPlan:
     seed: int | None
     stop_token_ids: tuple[int, ...]
     stop_strings: tuple[str, ...]
+    cache_salt: str | None = None  # enters the prompt's block hashes: a tenant's own cache
 
     @property
     def prompt_len(self) -> int:
@@ -98,4 +99,5 @@ def build_plan(
         seed=None if request.seed is None else request.seed % _UINT64,
         stop_token_ids=tuple(stop_ids),
         stop_strings=tuple(s for s in stop_strings if s),
+        cache_salt=request.cache_salt or None,
     )

@@ -11,13 +11,20 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from services.gateway import routes_chat, routes_completions, routes_health, routes_models
+from services.gateway import (
+    routes_chat,
+    routes_completions,
+    routes_health,
+    routes_metrics,
+    routes_models,
+)
 from services.gateway.auth import ApiKeyMiddleware
 from services.gateway.body_json import JsonBodyMiddleware
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import install_error_handlers
 from services.gateway.generate import Generator
-from services.gateway.router import RoundRobinRouter
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.routing.build import build_routing
 from services.gateway.state import GatewayState
 from services.gateway.tokenizer import load_model_info
 from services.gateway.worker_clients import WorkerPool
@@ -25,6 +32,7 @@ from services.gateway.worker_clients import WorkerPool
 logger = logging.getLogger("kvrelay.gateway")
 
 HEALTH_POLL_INTERVAL_S = 2.0
+WORKER_INFO_INTERVAL_S = 1.0  # free KV pages of decode workers, for routing
 GRACEFUL_SHUTDOWN_S = 5.0
 
 
@@ -33,13 +41,16 @@ def create_app(config: GatewayConfig) -> FastAPI:
         raise ValueError("the gateway needs at least one prefill and one decode worker address")
     model = load_model_info(config.model_path, config.served_model_name, config.chat_template)
     pool = WorkerPool(config.prefill_addrs, config.decode_addrs)
-    router = RoundRobinRouter(pool)
+    metrics = GatewayMetrics()
+    routing = build_routing(config, pool, model.served_name, metrics)
+    router = routing.router
     state = GatewayState(
         config=config,
         model=model,
         pool=pool,
         router=router,
         generator=Generator(model, router, config.request_timeout_s),
+        metrics=metrics,
     )
 
     @contextlib.asynccontextmanager
@@ -47,25 +58,38 @@ def create_app(config: GatewayConfig) -> FastAPI:
         # Without a lifespan (some test clients) routing still works: workers count as
         # healthy until a call fails, and /health checks on demand.
         state.loop = asyncio.get_running_loop()
-        poller = asyncio.create_task(pool.health_loop(HEALTH_POLL_INTERVAL_S))
+        # Worker ids, block size and the model name to hash with, before the first request.
+        await routing.directory.refresh()
+        background = [
+            asyncio.create_task(pool.health_loop(HEALTH_POLL_INTERVAL_S)),
+            asyncio.create_task(routing.directory.refresh_loop(WORKER_INFO_INTERVAL_S)),
+        ]
+        if routing.index_health is not None:
+            background.append(asyncio.create_task(routing.index_health.probe_loop()))
         logger.info(
-            "gateway up: model %s, prefill %s, decode %s",
+            "gateway up: model %s, prefill %s, decode %s, routing by %s%s",
             model.served_name,
             config.prefill_addrs,
             config.decode_addrs,
+            router.policy.name,
+            f" (index at {config.redis_url})" if routing.reader is not None else "",
         )
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if routing.reader is not None:
+                await routing.reader.close()
             await pool.close()
 
     app = FastAPI(title="kvrelay gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = state
     install_error_handlers(app)
-    for module in (routes_chat, routes_completions, routes_models, routes_health):
+    for module in (routes_chat, routes_completions, routes_models, routes_health, routes_metrics):
         app.include_router(module.router)
     app.add_middleware(JsonBodyMiddleware)
     if config.api_key:

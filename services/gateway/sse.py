@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from services.gateway.errors import APIError
 from services.gateway.generate import Finished, GenerationEvent, TextDelta
-from services.gateway.protocol import UsageInfo
+from services.gateway.protocol import PromptTokensDetails, UsageInfo
 
 logger = logging.getLogger("kvrelay.gateway")
 
@@ -37,6 +37,7 @@ def usage_info(finished: Finished) -> UsageInfo:
         prompt_tokens=finished.prompt_tokens,
         completion_tokens=finished.completion_tokens,
         total_tokens=finished.prompt_tokens + finished.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
     )
 
 

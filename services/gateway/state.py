@@ -11,6 +11,7 @@ from fastapi import Request
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import NOT_FOUND, APIError
 from services.gateway.generate import Generator
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.router import Router
 from services.gateway.tokenizer import ModelInfo
 from services.gateway.worker_clients import WorkerPool
@@ -23,6 +24,7 @@ class GatewayState:
     pool: WorkerPool
     router: Router
     generator: Generator
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once it runs
 

@@ -41,6 +41,10 @@ class WorkerClient:
         self.role = role
         self.healthy = True  # optimistic until a check says otherwise
         self.checked_at = 0.0  # time.monotonic() of the last verdict
+        # Calls that need this worker (a prefill call needs its decode too): cancelled when
+        # the worker fails, so that a cut link does not leave them waiting for the deadline.
+        self._calls: set[grpc.aio.Call] = set()
+        self.abandoned_at = float("-inf")  # time.monotonic() its calls were last cancelled
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prefill_stub: pb_grpc.PrefillWorkerStub | None = None
@@ -74,11 +78,26 @@ class WorkerClient:
     def usable(self, now: float) -> bool:
         return self.healthy or now - self.checked_at > STALE_HEALTH_S
 
+    def track(self, call: grpc.aio.Call) -> None:
+        """Cancel `call` if this worker fails before the call is done."""
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+
+    def _abandon_calls(self, reason: str) -> None:
+        calls = [c for c in self._calls if not c.done()]
+        if not calls:
+            return
+        self.abandoned_at = time.monotonic()
+        logger.warning("%r: abandoning %d calls in flight (%s)", self, len(calls), reason)
+        for call in calls:
+            call.cancel()
+
     def mark_failed(self, reason: str) -> None:
         if self.healthy:
             logger.warning("%r marked unhealthy: %s", self, reason)
         self.healthy = False
         self.checked_at = time.monotonic()
+        self._abandon_calls(reason)
 
     async def check_health(self, timeout: float = HEALTH_CHECK_TIMEOUT_S) -> bool:
         channel = self._channel_here()
@@ -94,6 +113,9 @@ class WorkerClient:
             ok = False
             if self.healthy:
                 logger.warning("%r failed its health check: %s", self, exc.code().name)
+            # A cut link drops packets without a reset: calls on it would wait for their
+            # deadline. The health check on the same channel is what notices.
+            self._abandon_calls(f"health check {exc.code().name}")
         if ok and not self.healthy:
             logger.info("%r is healthy again", self)
         self.healthy = ok

@@ -1,15 +1,26 @@
-"""Prefill engine: computes a prompt, samples its first token, relays its KV to decode.
+"""Prefill engine: batches prompts into forward steps, relays their KV as it is computed.
 
-Runs on a single engine thread; the gRPC service hands it jobs.
+One engine thread owns the model and the KV sender. Each step takes the waiting prompts
+in arrival order until the step's token budget is spent: several short prompts share a
+step, and a long prompt is cut into chunks (`chunked_prefill_size`) so it never holds up
+the others for long. A prompt's cached prefix pages go to decode before anything is
+computed, then each chunk's full pages as soon as the chunk is done: ZeroMQ moves them
+while the next chunk computes. The last chunk's logits give the first answer token.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
+from shared.block_hash import block_hashes
+from shared.kv_pool import KVPoolExhausted
 from shared.model.runner import ModelRunner, SeqSlice
+from shared.prefix_cache import PrefixCache
 from shared.sampler import SamplingParams, sample
 from shared.transfer import KvSender, KvTransferError
 
@@ -28,6 +39,7 @@ class PrefillJob:
     prompt: list[int]
     params: SamplingParams
     destination: KvDestination | None
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -35,16 +47,93 @@ class PrefillOutcome:
     first_token_id: int
     first_token_logprob: float
     kv_bytes_sent: int
+    cached_tokens: int
+    queue_s: float
     compute_s: float
-    transfer_s: float
+
+
+@dataclass(frozen=True)
+class PrefillLimits:
+    max_prefill_tokens: int = 4096    # tokens computed in one step, all prompts together
+    chunked_prefill_size: int = 2048  # longest piece of one prompt in one step
+
+
+@dataclass
+class PrefillStats:
+    steps: int = 0
+    largest_batch: int = 0      # most prompts computed together in one step
+    tokens_computed: int = 0
+    tokens_cached: int = 0
+
+
+@dataclass
+class _Task:
+    job: PrefillJob
+    future: Future[PrefillOutcome]
+    submitted: float
+    hashes: list[bytes] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    computed: int = 0       # prompt tokens whose KV is in `pages`
+    pages_sent: int = 0
+    bytes_sent: int = 0
+    chunks_sent: int = 0
+    started: float = 0.0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.job.prompt) - self.computed
 
 
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, sender: KvSender) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        sender: KvSender,
+        model_name: str,
+        cache: PrefixCache,
+        limits: PrefillLimits | None = None,
+    ) -> None:
         self.runner = runner
         self.sender = sender
+        self.model_name = model_name
+        self.cache = cache
+        self.limits = limits or PrefillLimits()
+        page_size = runner.pool.page_size
+        if self.limits.chunked_prefill_size % page_size:
+            raise ValueError(f"chunked_prefill_size must be a multiple of {page_size}")
+        self._inbox: queue.SimpleQueue[_Task | _Wake | None] = queue.SimpleQueue()
+        self._cancelled: set[str] = set()
+        self._cancel_lock = threading.Lock()
+        self._waiting: list[_Task] = []   # admitted in order, not yet holding pages
+        self._running: list[_Task] = []   # holding pages, partly computed
+        self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
+        self.stats = PrefillStats()
 
-    def run(self, job: PrefillJob) -> PrefillOutcome:
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def submit(self, job: PrefillJob) -> Future[PrefillOutcome]:
+        self._validate(job)
+        future: Future[PrefillOutcome] = Future()
+        self._inbox.put(_Task(job, future, time.perf_counter()))
+        return future
+
+    def cancel(self, request_id: str) -> None:
+        """Drops a job at the next step boundary (its caller has gone)."""
+        with self._cancel_lock:
+            self._cancelled.add(request_id)
+        self._inbox.put(_WAKE)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._waiting) + len(self._running) + self._inbox.qsize()
+
+    def _validate(self, job: PrefillJob) -> None:
         pool = self.runner.pool
         if not job.prompt:
             raise ValueError("empty prompt")
@@ -53,56 +142,205 @@ class PrefillEngine:
                 f"prompt of {len(job.prompt)} tokens exceeds the context of "
                 f"{self.runner.config.max_context}"
             )
-        if job.destination is not None and len(job.destination.page_ids) != pool.pages_for(
-            len(job.prompt)
-        ):
+        needed = pool.pages_for(len(job.prompt))
+        if needed > pool.num_pages:
+            raise ValueError(
+                f"prompt needs {needed} KV pages; this prefill worker has {pool.num_pages}"
+            )
+        if job.destination is not None and len(job.destination.page_ids) != needed:
             raise ValueError("reserved decode pages do not fit the prompt")
-        pages = pool.allocate(pool.pages_for(len(job.prompt)))
+
+    # --- the engine thread ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            idle = not (self._waiting or self._running)
+            try:
+                item = self._inbox.get(block=idle)
+            except queue.Empty:
+                item = _WAKE
+            if item is None:
+                break
+            if isinstance(item, _Task):
+                self._waiting.append(item)
+            while True:  # drain whatever else arrived
+                try:
+                    more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._shutdown()
+                    return
+                if isinstance(more, _Task):
+                    self._waiting.append(more)
+            self._drop_cancelled()
+            self._admit()
+            if self._running:
+                self._step()
+        self._shutdown()
+
+    def _drop_cancelled(self) -> None:
+        with self._cancel_lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
+            return
+        for tasks in (self._waiting, self._running):
+            for task in [t for t in tasks if t.job.request_id in cancelled]:
+                tasks.remove(task)
+                self._fail(task, KvTransferError("cancelled by the caller"), tell_decode=True)
+
+    def _admit(self) -> None:
+        """Gives pages to waiting tasks in arrival order while the pool has them."""
+        pool = self.runner.pool
+        while self._waiting:
+            task = self._waiting[0]
+            job = task.job
+            if not task.hashes:
+                task.hashes = block_hashes(
+                    job.prompt, pool.page_size, model=self.model_name, cache_salt=job.cache_salt
+                )
+            # At least one token is computed: its logits give the first answer token.
+            reusable = (len(job.prompt) - 1) // pool.page_size
+            cached = self.cache.match(task.hashes, max_blocks=reusable)
+            try:
+                fresh = self.cache.allocate(pool.pages_for(len(job.prompt)) - len(cached.pages))
+            except KVPoolExhausted as exc:
+                pool.free(cached.pages)
+                if not self._running:
+                    # Nothing will free pages: with an idle engine this cannot fit at all.
+                    self._waiting.pop(0)
+                    self._fail(task, exc, tell_decode=True)
+                    continue
+                return  # wait for running tasks to finish
+            self._waiting.pop(0)
+            task.pages = cached.pages + fresh
+            task.cached_tokens = task.computed = cached.num_tokens
+            self.stats.tokens_cached += cached.num_tokens
+            task.started = time.perf_counter()
+            self._running.append(task)
+            try:
+                self._send_ready_pages(task, cached.num_tokens // pool.page_size)
+            except KvTransferError as exc:
+                self._running.remove(task)
+                self._fail(task, exc, tell_decode=False)
+
+    def _step(self) -> None:
+        budget = self.limits.max_prefill_tokens
+        batch: list[tuple[_Task, int]] = []
+        for task in self._running:
+            if budget <= 0:
+                break
+            take = min(task.remaining, self.limits.chunked_prefill_size, budget)
+            batch.append((task, take))
+            budget -= take
+        slices = [
+            SeqSlice(t.job.prompt[t.computed : t.computed + n], t.computed, t.pages)
+            for t, n in batch
+        ]
+        self.stats.steps += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self.stats.tokens_computed += sum(n for _, n in batch)
         try:
-            return self._compute_and_send(job, pages)
+            logits = self.runner.forward(slices)
         except Exception as exc:
-            if job.destination is not None and not isinstance(exc, KvTransferError):
-                # Decode frees its reserved pages now instead of waiting for its timeout.
-                self._abort_quietly(job, f"prefill failed: {exc}")
-            raise
-        finally:
-            pool.free(pages)
-
-    def _compute_and_send(self, job: PrefillJob, pages: list[int]) -> PrefillOutcome:
-        started = time.perf_counter()
-        logits = self.runner.forward([SeqSlice(job.prompt, 0, pages)])
-        token_ids, logprobs = sample(logits, [job.params], [0])
-        computed = time.perf_counter()
-        sent = 0
-        if job.destination is not None:
-            sent = self.sender.send(
-                request_id=job.request_id,
-                endpoint=job.destination.endpoint,
-                dst_page_ids=job.destination.page_ids,
-                pool=self.runner.pool,
-                src_page_ids=pages,
-                num_tokens=len(job.prompt),
-                first_token_id=token_ids[0],
-                first_token_logprob=logprobs[0],
+            log.exception("prefill step failed")
+            for task, _ in batch:
+                self._running.remove(task)
+                self._fail(task, exc, tell_decode=True)
+            return
+        finished: list[tuple[int, _Task]] = []
+        page_size = self.runner.pool.page_size
+        for row, (task, n) in enumerate(batch):
+            task.computed += n
+            if task.remaining == 0:
+                finished.append((row, task))
+                continue
+            try:
+                self._send_ready_pages(task, task.computed // page_size)
+            except KvTransferError as exc:
+                self._running.remove(task)
+                self._fail(task, exc, tell_decode=False)
+        if finished:
+            rows = [row for row, _ in finished]
+            tokens, logprobs = sample(
+                logits[rows], [t.job.params for _, t in finished], [0] * len(finished)
             )
-        finished = time.perf_counter()
-        log.info(
-            "request %s: prefill %d tokens in %.1f ms, KV %d bytes in %.1f ms",
-            job.request_id,
-            len(job.prompt),
-            (computed - started) * 1e3,
-            sent,
-            (finished - computed) * 1e3,
-        )
-        return PrefillOutcome(
-            token_ids[0], logprobs[0], sent, computed - started, finished - computed
-        )
+            for (_, task), token, logprob in zip(finished, tokens, logprobs, strict=True):
+                self._running.remove(task)
+                self._complete(task, token, logprob)
 
-    def _abort_quietly(self, job: PrefillJob, reason: str) -> None:
-        assert job.destination is not None
+    def _send_ready_pages(self, task: _Task, upto: int) -> None:
+        """Sends pages [pages_sent, upto) of the task to its decode worker, if it has one."""
+        destination = task.job.destination
+        if destination is None or upto <= task.pages_sent:
+            return
+        sent, chunks = self.sender.send_pages(
+            request_id=task.job.request_id,
+            endpoint=destination.endpoint,
+            pool=self.runner.pool,
+            src_page_ids=task.pages[task.pages_sent : upto],
+            dst_page_ids=destination.page_ids[task.pages_sent : upto],
+        )
+        task.pages_sent = upto
+        task.bytes_sent += sent
+        task.chunks_sent += chunks
+
+    def _complete(self, task: _Task, token: int, logprob: float) -> None:
+        job = task.job
         try:
-            self.sender.abort(
-                request_id=job.request_id, endpoint=job.destination.endpoint, reason=reason
-            )
-        except KvTransferError:
-            log.warning("request %s: could not tell decode about the abort", job.request_id)
+            self._send_ready_pages(task, len(task.pages))
+            if job.destination is not None:
+                self.sender.send_done(
+                    request_id=job.request_id,
+                    endpoint=job.destination.endpoint,
+                    num_tokens=len(job.prompt),
+                    num_chunks=task.chunks_sent,
+                    first_token_id=token,
+                    first_token_logprob=logprob,
+                )
+        except KvTransferError as exc:
+            self._fail(task, exc, tell_decode=False)
+            return
+        self.cache.insert(task.hashes, task.pages)
+        self.runner.pool.free(task.pages)
+        now = time.perf_counter()
+        log.info(
+            "request %s: prefill %d tokens (%d cached) in %.1f ms after %.1f ms queued, "
+            "KV %d bytes",
+            job.request_id, len(job.prompt), task.cached_tokens, (now - task.started) * 1e3,
+            (task.started - task.submitted) * 1e3, task.bytes_sent,
+        )
+        task.future.set_result(
+            PrefillOutcome(token, logprob, task.bytes_sent, task.cached_tokens,
+                           task.started - task.submitted, now - task.started)
+        )
+
+    def _fail(self, task: _Task, exc: BaseException, tell_decode: bool) -> None:
+        job = task.job
+        if task.pages:
+            self.runner.pool.free(task.pages)
+            task.pages = []
+        if tell_decode and job.destination is not None:
+            # Decode frees its reserved pages now instead of waiting for its timeout.
+            try:
+                self.sender.abort(
+                    request_id=job.request_id, endpoint=job.destination.endpoint,
+                    reason=f"prefill failed: {exc}",
+                )
+            except KvTransferError:
+                log.warning("request %s: could not tell decode about the abort", job.request_id)
+        if not task.future.done():
+            task.future.set_exception(exc)
+
+    def _shutdown(self) -> None:
+        for task in self._waiting + self._running:
+            self._fail(task, KvTransferError("prefill worker shutting down"), tell_decode=True)
+        self._waiting.clear()
+        self._running.clear()
+
+
+class _Wake:
+    """Inbox marker that only wakes the engine thread."""
+
+
+_WAKE = _Wake()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -17,16 +17,25 @@ from shared.rpc import kvrelay_pb2_grpc as pb_grpc
 from shared.rpc.convert import sampling_from_pb
 from shared.transfer import KvTransferError
 
+if TYPE_CHECKING:
+    from shared.prefix_index import PrefixIndexPublisher
+
 log = logging.getLogger(__name__)
 
 
 class PrefillService(pb_grpc.PrefillWorkerServicer):
-    def __init__(self, config: WorkerConfig, engine: PrefillEngine, model_name: str) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        engine: PrefillEngine,
+        model_name: str,
+        publisher: PrefixIndexPublisher | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine
         self.model_name = model_name
-        # One engine thread: the model and the KV sender are used from it alone.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-engine")
+        self.publisher = publisher
+        self._queued_tokens = 0
 
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
@@ -47,11 +56,20 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             prompt=[int(t) for t in request.prompt_token_ids],
             params=sampling_from_pb(request.sampling),
             destination=destination,
+            cache_salt=request.cache_salt or None,
         )
-        loop = asyncio.get_running_loop()
+        if self.engine.num_queued >= self.config.max_queued_requests:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"prefill worker {self.config.worker_id}: {self.engine.num_queued} requests queued",
+            )
+        self._report_load(len(job.prompt))
         try:
-            # A call cancelled while queued never reaches the engine thread.
-            outcome = await loop.run_in_executor(self._executor, self.engine.run, job)
+            future = self.engine.submit(job)
+            outcome = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.engine.cancel(job.request_id)
+            raise
         except KVPoolExhausted as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill KV pool full: {exc}")
         except KvTransferError as exc:
@@ -59,19 +77,36 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self._report_load(-len(job.prompt))
         return pb.PrefillResponse(
             first_token_id=outcome.first_token_id,
             first_token_logprob=outcome.first_token_logprob,
             prompt_tokens=len(job.prompt),
             kv_bytes_sent=outcome.kv_bytes_sent,
+            cached_tokens=outcome.cached_tokens,
         )
 
     async def GetInfo(
         self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.WorkerInfo:
-        return worker_info(self.config, self.engine.runner, self.model_name, kv_endpoint="")
+        return worker_info(
+            self.config,
+            self.engine.runner,
+            self.model_name,
+            kv_endpoint="",
+            cached_pages=self.engine.cache.num_idle_pages(),
+        )
+
+    def _report_load(self, queued_delta: int) -> None:
+        self._queued_tokens += queued_delta
+        if self.publisher is not None:
+            pool = self.engine.runner.pool
+            self.publisher.set_load(self._queued_tokens, pool.num_used, pool.num_pages)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.stop()
         self.engine.sender.close()
+        if self.publisher is not None:
+            self.publisher.close()
 

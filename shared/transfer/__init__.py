@@ -5,7 +5,7 @@ from __future__ import annotations
 from shared.kv_pool import KVPool
 from shared.transfer.base import KvArrival, KvReceiver, KvSender, KvTransferError
 
-TRANSPORTS = ("zmq",)
+TRANSPORTS = ("zmq", "local")
 
 
 def make_sender(transport: str) -> KvSender:
@@ -17,8 +17,13 @@ def make_sender(transport: str) -> KvSender:
 
 
 def make_receiver(
-    transport: str, pool: KVPool, bind_host: str, port: int, advertise_host: str
+    transport: str, pool: KVPool, bind_host: str, port: int, advertise_host: str,
+    worker_id: str = "",
 ) -> KvReceiver:
+    if transport == "local":
+        from shared.transfer.local_transport import LocalKvReceiver
+
+        return LocalKvReceiver(pool, worker_id)
     if transport == "zmq":
         from shared.transfer.zmq_transport import ZmqKvReceiver
 

@@ -5,8 +5,9 @@ returned future resolves when the KvDone arrives after every chunk.
 `cancel(request_id)` guarantees that no later chunk for that request lands in
 its pages, so the caller may free them as soon as it returns.
 
-Prefill side: `KvSender.send(...)` writes a request's pages into the decode
-worker's reserved pages and closes with the first token.
+Prefill side: `KvSender.send_pages(...)` writes pages into the decode worker's
+reserved pages (in as many calls as suits the compute), `send_done(...)` closes the
+request with its first token, `abort(...)` gives up on it.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ class _Expectation:
     future: Future[KvArrival]
     chunks_received: int = 0
     bytes_received: int = 0
-    page_index: torch.Tensor = field(init=False)
+    page_set: frozenset[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.page_index = torch.tensor(self.page_ids, dtype=torch.long)
+        self.page_set = frozenset(self.page_ids)
 
 
 class KvReceiver(ABC):
@@ -119,6 +120,10 @@ class KvReceiver(ABC):
             expectation.future.set_exception(
                 KvTransferError(f"KV of {done.num_tokens} tokens does not fit the reserved pages")
             )
+        elif expectation.bytes_received != len(expectation.page_ids) * self.pool.page_bytes():
+            expectation.future.set_exception(
+                KvTransferError(f"KV of request {done.request_id} does not cover every page")
+            )
         else:
             expectation.future.set_result(
                 KvArrival(done.num_tokens, done.first_token_id, done.first_token_logprob)
@@ -135,8 +140,8 @@ class KvReceiver(ABC):
     def _write_chunk(self, expectation: _Expectation, chunk: KvChunk, data: memoryview) -> None:
         pool = self.pool
         # A sender may only write the pages reserved for this very request.
-        if chunk.dst_page_ids != expectation.page_ids:
-            raise ValueError("destination pages differ from the reservation")
+        if not expectation.page_set.issuperset(chunk.dst_page_ids):
+            raise ValueError("destination pages outside the reservation")
         num_layers = pool.kv.shape[0]
         if not 0 <= chunk.layer_start < chunk.layer_end <= num_layers:
             raise ValueError(f"layers [{chunk.layer_start}, {chunk.layer_end}) out of range")
@@ -149,7 +154,8 @@ class KvReceiver(ABC):
         tensor = torch.frombuffer(data, dtype=pool.kv.dtype)
         if tensor.numel() != torch.Size(shape).numel():
             raise ValueError("chunk size does not match its header")
-        pool.kv[chunk.layer_start : chunk.layer_end, :, expectation.page_index] = tensor.view(shape)
+        index = torch.tensor(chunk.dst_page_ids, dtype=torch.long)
+        pool.kv[chunk.layer_start : chunk.layer_end, :, index] = tensor.view(shape)
 
 
 class KvSender(ABC):
@@ -158,23 +164,26 @@ class KvSender(ABC):
     # Chunks of about this size pipeline well over both ZeroMQ and NIXL.
     target_chunk_bytes = 1 << 20
 
-    def send(
+    def send_pages(
         self,
         *,
         request_id: str,
         endpoint: str,
-        dst_page_ids: list[int],
         pool: KVPool,
         src_page_ids: list[int],
-        num_tokens: int,
-        first_token_id: int,
-        first_token_logprob: float,
-    ) -> int:
-        """Sends the request's KV and the closing KvDone; returns the KV bytes sent."""
+        dst_page_ids: list[int],
+    ) -> tuple[int, int]:
+        """Sends some of a request's pages (all layers); returns (bytes, chunks) sent.
+
+        A request's pages may go in several calls (cached prefix first, then each computed
+        chunk), so decode copies early pages while prefill still computes later ones.
+        """
         if len(src_page_ids) != len(dst_page_ids):
             raise KvTransferError(
-                f"{len(src_page_ids)} source pages for {len(dst_page_ids)} reserved pages"
+                f"{len(src_page_ids)} source pages for {len(dst_page_ids)} destination pages"
             )
+        if not src_page_ids:
+            return 0, 0
         num_layers = pool.kv.shape[0]
         layer_bytes = pool.page_bytes() // num_layers * len(src_page_ids)
         layers_per_chunk = max(1, min(num_layers, self.target_chunk_bytes // max(layer_bytes, 1)))
@@ -198,9 +207,21 @@ class KvSender(ABC):
             )
             sent += self._send_chunk(endpoint, header, block)
             num_chunks += 1
+        return sent, num_chunks
+
+    def send_done(
+        self,
+        *,
+        request_id: str,
+        endpoint: str,
+        num_tokens: int,
+        num_chunks: int,
+        first_token_id: int,
+        first_token_logprob: float,
+    ) -> None:
+        """Closes a request's transfer: every chunk was sent; here is its first token."""
         done = KvDone(request_id, num_tokens, num_chunks, first_token_id, first_token_logprob)
         self._send_control(endpoint, done)
-        return sent
 
     def abort(self, *, request_id: str, endpoint: str, reason: str) -> None:
         self._send_control(endpoint, KvAbort(request_id, reason))

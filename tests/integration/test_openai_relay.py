@@ -40,6 +40,8 @@ CONVERSATIONS: list[list[dict[str, str]]] = [
         {"role": "user", "content": "Now write one about mountains."},
     ],
     [{"role": "user", "content": f"{LONG_CONTEXT}\n\nWhich station was the warmest?"}],
+    # Shares the long context with the one before: prefill reuses its cached pages.
+    [{"role": "user", "content": f"{LONG_CONTEXT}\n\nWhich station was the windiest?"}],
 ]
 
 
@@ -85,6 +87,7 @@ def test_long_prompt_spans_many_pages(hf_answers: list[tuple[int, str, str, int]
 def test_greedy_chat_equals_hf_generate(
     client: openai.OpenAI, default_cluster: Cluster, hf_answers: list[tuple[int, str, str, int]]
 ) -> None:
+    cached: list[int] = []
     for messages, (prompt_tokens, text, finish, completion_tokens) in zip(
         CONVERSATIONS, hf_answers, strict=True
     ):
@@ -98,6 +101,11 @@ def test_greedy_chat_equals_hf_generate(
         assert response.usage is not None
         assert response.usage.prompt_tokens == prompt_tokens
         assert response.usage.completion_tokens in (completion_tokens, completion_tokens + 1)
+        assert response.usage.prompt_tokens_details is not None
+        cached.append(response.usage.prompt_tokens_details.cached_tokens or 0)
+    # The last prompt repeats the one before it but for its last line: its shared, full
+    # blocks came from the prefix cache, and the answer is still HF's.
+    assert cached[-1] >= 300 and cached[-1] % 16 == 0
     default_cluster.wait_all_pages_free()
 
 

@@ -1,0 +1,1 @@
+"""Routing internals: worker views, policies, the approximate tree, the index's health."""
