@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
     def __init__(
-        self, config: WorkerConfig, engine: DecodeEngine, receiver: LocalKvReceiver,
+        self,
+        config: WorkerConfig,
+        engine: DecodeEngine,
+        receiver: LocalKvReceiver,
         model_name: str,
     ) -> None:
         self.config = config
@@ -89,8 +92,9 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
     async def GetInfo(
         self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.WorkerInfo:
-        info = worker_info(self.config, self.engine.runner, self.model_name,
-                           kv_endpoint=self.receiver.endpoint)
+        info = worker_info(
+            self.config, self.engine.runner, self.model_name, kv_endpoint=self.receiver.endpoint
+        )
         info.role = "colocated"
         return info
 

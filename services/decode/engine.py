@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -72,6 +73,9 @@ class DecodeEngine:
         self._running: dict[str, DecodeSequence] = {}
         self._inbox: list[DecodeSequence] = []
         self._prefills: list[LocalPrefill] = []
+        # Sequences that gave their pages up to others; they recompute their KV and resume.
+        self._preempted: list[DecodeSequence] = []
+        self.num_preemptions = 0
         self._aborts: set[str] = set()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -107,12 +111,24 @@ class DecodeEngine:
     def num_running(self) -> int:
         return len(self._running)
 
+    def pages_owed(self) -> int:
+        """Pages the admitted sequences may claim soon: one per running sequence for its
+        next page, and the whole KV of each preempted one. New requests wait for these."""
+        pool = self.runner.pool
+        owed = sum(pool.pages_for(len(s.token_ids)) for s in list(self._preempted))
+        return len(self._running) + owed
+
     def _loop(self) -> None:
         while True:
             with self._wakeup:
                 while not (
                     self._stopping or self._inbox or self._aborts or self._running or self._prefills
                 ):
+                    if self._preempted:
+                        # Nothing runs: pages can only come back from requests still
+                        # waiting for their KV; look again shortly.
+                        self._wakeup.wait(timeout=0.02)
+                        break
                     self._wakeup.wait()
                 if self._stopping:
                     break
@@ -120,24 +136,31 @@ class DecodeEngine:
                     self._running[seq.request_id] = seq
                 self._inbox.clear()
                 aborts, self._aborts = self._aborts, set()
-                prefills = list(self._prefills)
             for request_id in aborts:
                 aborted = self._running.get(request_id)
+                aborted = aborted or next(
+                    (s for s in self._preempted if s.request_id == request_id), None
+                )
                 if aborted is not None:
                     self._finish(aborted, TokenEvent(None, 0.0, "abort"))
+            self._resume_preempted()
+            with self._wakeup:
+                prefills = list(self._prefills)
+            for request_id in aborts:
                 for task in [t for t in prefills if t.request_id == request_id]:
                     self._end_prefill(task, error="cancelled by the caller")
                     prefills.remove(task)
-            if self._running or prefills:
-                try:
-                    self._step(prefills)
-                except Exception as exc:  # a failed step must not strand its sequences
-                    log.exception("decode step failed")
-                    for seq in list(self._running.values()):
-                        self._finish(seq, TokenEvent(None, 0.0, None, f"decode step failed: {exc}"))
-                    for task in prefills:
-                        self._end_prefill(task, error=f"prefill step failed: {exc}")
-        for seq in list(self._running.values()) + self._inbox:
+            if not (self._running or prefills):
+                continue
+            try:
+                self._step(prefills)
+            except Exception as exc:  # a failed step must not strand its sequences
+                log.exception("decode step failed")
+                for seq in list(self._running.values()):
+                    self._finish(seq, TokenEvent(None, 0.0, None, f"decode step failed: {exc}"))
+                for task in prefills:
+                    self._end_prefill(task, error=f"prefill step failed: {exc}")
+        for seq in list(self._running.values()) + self._inbox + self._preempted:
             self._finish(seq, TokenEvent(None, 0.0, None, "decode worker shutting down"))
         for task in list(self._prefills):
             self._end_prefill(task, error="worker shutting down")
@@ -145,14 +168,16 @@ class DecodeEngine:
     def _step(self, prefills: list[LocalPrefill]) -> None:
         pool = self.runner.pool
         batch: list[DecodeSequence] = []
+        # Oldest first: when pages run out, the newest sequences give theirs up.
         for seq in list(self._running.values()):
+            if seq.request_id not in self._running:
+                continue  # preempted by an older sequence in this very loop
             position = len(seq.token_ids) - 1
             if pool.pages_for(position + 1) > len(seq.page_ids):
-                try:
-                    seq.page_ids.extend(pool.allocate(1))
-                except KVPoolExhausted:
-                    self._finish(seq, TokenEvent(None, 0.0, None, "decode KV pool exhausted"))
+                page = self._claim_page(seq)
+                if page is None:
                     continue
+                seq.page_ids.append(page)
             batch.append(seq)
         slices = [SeqSlice([s.token_ids[-1]], len(s.token_ids) - 1, s.page_ids) for s in batch]
         # Prompt chunks ride along in the same forward, within the step's token budget.
@@ -193,6 +218,65 @@ class DecodeEngine:
             else:
                 self._finish(seq, event)
 
+    def _claim_page(self, seq: DecodeSequence) -> int | None:
+        """A page for seq's next token, preempting the newest sequences if need be.
+
+        Returns None when seq itself was the newest and gave its pages up.
+        """
+        while True:
+            try:
+                return self.runner.pool.allocate(1)[0]
+            except KVPoolExhausted:
+                victim = next(reversed(self._running.values()))
+                self._preempt(victim)
+                if victim is seq:
+                    return None
+
+    def _preempt(self, seq: DecodeSequence) -> None:
+        self._running.pop(seq.request_id, None)
+        self.runner.pool.free(seq.page_ids)
+        seq.page_ids = []
+        self._preempted.append(seq)
+        self.num_preemptions += 1
+        log.info(
+            "request %s: preempted at %d tokens (KV pool full); will recompute",
+            seq.request_id,
+            len(seq.token_ids),
+        )
+
+    def _resume_preempted(self) -> None:
+        """Gives preempted sequences pages again, oldest first, and recomputes their KV."""
+        pool = self.runner.pool
+        while self._preempted:
+            seq = self._preempted[0]
+            needed = pool.pages_for(len(seq.token_ids))
+            if self._running and pool.num_free - needed < len(self._running):
+                return  # keep a page free for each running sequence's next token
+            try:
+                seq.page_ids = pool.allocate(needed)
+            except KVPoolExhausted:
+                return
+            self._preempted.pop(0)
+            # The KV of every token but the last, which the next decode step computes.
+            recompute = LocalPrefill(
+                seq.request_id,
+                seq.token_ids[:-1],
+                seq.page_ids,
+                seq.params,
+                done=partial(self._resumed, seq),
+            )
+            with self._wakeup:
+                self._prefills.append(recompute)
+
+    def _resumed(self, seq: DecodeSequence, token: int, logprob: float, error: str | None) -> None:
+        del token, logprob  # the recompute's own sample is not part of the answer
+        if error is None:
+            self._running[seq.request_id] = seq
+        elif error.startswith("cancelled"):
+            self._finish(seq, TokenEvent(None, 0.0, "abort"))
+        else:
+            self._finish(seq, TokenEvent(None, 0.0, None, error))
+
     def _advance_prefills(
         self, chunks: list[tuple[LocalPrefill, int]], logits: torch.Tensor
     ) -> None:
@@ -225,6 +309,8 @@ class DecodeEngine:
             return
         seq.finished = True
         self._running.pop(seq.request_id, None)
+        if seq in self._preempted:
+            self._preempted.remove(seq)
         self.runner.pool.free(seq.page_ids)
         seq.page_ids = []
         seq.emit(event)

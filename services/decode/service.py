@@ -31,7 +31,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         self.admission = PageAdmission(
             engine.runner.pool,
             max_waiting=config.max_queued_requests,
-            headroom_pages=lambda: engine.num_running,
+            headroom_pages=engine.pages_owed,
         )
 
     async def Generate(
