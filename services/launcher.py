@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import tempfile
 import threading
@@ -49,8 +50,7 @@ def _worker_args(args: argparse.Namespace, role: str, model_dir: Path, port: int
         "--log-level",
         args.log_level,
     ]
-    if args.num_threads:
-        worker += ["--num-threads", str(args.num_threads)]
+    worker += ["--num-threads", str(args.num_threads)]
     worker += ["--max-prefill-tokens", str(args.max_prefill_tokens),
                "--chunked-prefill-size", str(args.chunked_prefill_size)]
     if args.colocated:
@@ -62,6 +62,11 @@ def _worker_args(args: argparse.Namespace, role: str, model_dir: Path, port: int
 
 def run_cluster(args: argparse.Namespace) -> int:
     args.served_model_name = served_model_name(args.model_path, args.served_model_name)
+    if not args.num_threads:
+        # Workers on one machine share its cores: more torch threads than cores makes
+        # every OpenMP barrier wait for a descheduled thread (measured: 5x slower decode).
+        num_workers = 1 if args.colocated else args.prefill + args.decode
+        args.num_threads = max(1, (os.cpu_count() or 1) // num_workers)
     # Convert (once) here, so that the workers never race to convert the same model.
     model_dir = resolve_model_dir(args.model_path)
     children: list[ChildProcess] = []

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.cluster import start_cluster
 from tests.tiny_models import build_tiny_llama
