@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -42,12 +43,13 @@ MAX_OPENAI_PENALTY = 2.0  # OpenAI's range for frequency and presence penalties
 # tokens at least this probable are sorted, when their mass already reaches top_p. Every
 # other token comes after all of them in any descending order, so none of them can be in
 # the nucleus: the result is exactly that of a full sort. 0 is the full sort.
-_NUCLEUS_THRESHOLDS = (2.0**-8, 2.0**-13, 0.0)
+_NUCLEUS_THRESHOLDS = (2.0**-8, 2.0**-12, 2.0**-16, 2.0**-20, 0.0)
 # A prefix "reaches" top_p when its mass is within this relative distance of it: float32
 # probabilities carry ~1e-7 of rounding, which must not decide whether probabilities of
 # 0.5 and 0.3 reach top_p 0.8. It also keeps the candidates' test above clear of the
 # last-bit differences of float64 sums taken in another order.
-_TOP_P_TOLERANCE = 1e-6
+TOP_P_TOLERANCE = 1e-6
+_CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
 
 
 @dataclass(frozen=True)
@@ -150,18 +152,14 @@ def sample(
     log_softmax (before logit_bias, penalties, temperature and truncation).
     """
     raw = _as_cpu_float(logits, params, output_index, histories)
-    processed = processed_logits(raw, params, output_index, histories=histories)
+    work = _scratch(raw)  # the processed logits, then the row weights
+    processed = _processed_into(raw, work, params, output_index, histories)
     tokens: list[int] = processed.argmax(dim=-1).tolist()
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        probs = _softmax_with_temperature(processed, params, rows)
-        for row, i in enumerate(rows):
-            weights, ids = _kept_tokens(probs[row], params[i])
-            choice = _inverse_cdf(weights, _uniform(params[i].seed, output_index[i]))
-            tokens[i] = choice if ids is None else int(ids[choice])
-    logprobs = torch.log_softmax(raw, dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.long).unsqueeze(1))
-    return tokens, chosen.squeeze(1).tolist()
+    for i, weights, ids in _truncated_rows(processed, params, work):
+        choice = _inverse_cdf(weights, _uniform(params[i].seed, output_index[i]))
+        tokens[i] = choice if ids is None else int(ids[choice])
+    chosen = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
+    return tokens, torch.log_softmax(raw, dim=-1).gather(1, chosen).squeeze(1).tolist()
 
 
 def token_distribution(
@@ -177,20 +175,16 @@ def token_distribution(
     build it.
     """
     raw = _as_cpu_float(logits, params, output_index, histories)
-    processed = processed_logits(raw, params, output_index, histories=histories)
+    processed = _processed_into(raw, torch.empty_like(raw), params, output_index, histories)
     out = torch.zeros(processed.shape, dtype=torch.float64)
     out[torch.arange(len(params)), processed.argmax(dim=-1)] = 1.0
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        probs = _softmax_with_temperature(processed, params, rows)
-        for row, i in enumerate(rows):
-            weights, ids = _kept_tokens(probs[row], params[i])
-            dist = torch.zeros(processed.shape[1], dtype=torch.float64)
-            if ids is None:
-                dist = weights.clone()
-            else:
-                dist[ids] = weights
-            out[i] = dist / dist.sum()
+    for i, weights, ids in _truncated_rows(processed, params, torch.empty_like(raw)):
+        if ids is None:
+            out[i] = weights
+        else:
+            out[i] = 0.0
+            out[i, ids] = weights.double()
+        out[i] /= out[i].sum()
     return out
 
 
@@ -201,25 +195,49 @@ def processed_logits(
     *,
     histories: Sequence[TokenHistory] | None = None,
 ) -> torch.Tensor:
-    """Steps 2-4 of the module docstring: logit_bias, penalties, min_new_tokens.
+    """Steps 2-4 of the module docstring (logit_bias, penalties, min_new_tokens) on a copy
+    of the logits, as float32 [batch, vocab] on the CPU."""
+    raw = _as_cpu_float(logits, params, output_index, histories)
+    return _processed_into(raw, torch.empty_like(raw), params, output_index, histories).clone()
 
-    Returns float32 CPU logits [batch, vocab]: `logits` itself (as float32 on the CPU)
-    when no row asks for any of them, else a modified copy.
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor shaped like `like`, kept from one call to the next (one per thread).
+
+    A fresh [32, 49k] tensor every decode step costs ~4 ms here in page faults alone (its
+    6 MB go back to the OS between steps), as much as all the sampling arithmetic.
     """
-    out = _as_cpu_float(logits, params, output_index, histories)
+    buf: torch.Tensor | None = getattr(_scratch_buffers, "buf", None)
+    if buf is None or buf.numel() < like.numel():
+        buf = torch.empty(like.numel(), dtype=torch.float32)
+        _scratch_buffers.buf = buf
+    return buf[: like.numel()].view(like.shape)
+
+
+def _processed_into(
+    raw: torch.Tensor,
+    work: torch.Tensor,
+    params: Sequence[SamplingParams],
+    output_index: Sequence[int],
+    histories: Sequence[TokenHistory] | None,
+) -> torch.Tensor:
+    """`raw` itself when no row asks for steps 2-4, else `work` holding the result."""
     masking = [
         i for i, p in enumerate(params) if p.stop_token_ids and output_index[i] < p.min_new_tokens
     ]
     if not (masking or any(p.logit_bias or p.needs_history for p in params)):
-        return out
-    out = out.clone()
-    _add_logit_bias(out, params)
-    _apply_penalties(out, params, histories)
-    vocab = out.shape[1]
+        return raw
+    work.copy_(raw)
+    _add_logit_bias(work, params)
+    _apply_penalties(work, params, histories)
+    vocab = work.shape[1]
     for i in masking:
         ids = [t for t in params[i].stop_token_ids if t < vocab]
-        out[i, ids] = -math.inf
-    return out
+        work[i, ids] = -math.inf
+    return work
 
 
 def _as_cpu_float(
@@ -255,9 +273,9 @@ def _apply_penalties(
 ) -> None:
     """Repetition, then frequency and presence penalties, on the logits of the tokens seen.
 
-    Works on the (row, token) pairs of the histories, not on whole rows: dense
-    where/masked_fill over [32, 49k] cost ~10 ms each on this CPU. A pair seen several
-    times is read before any write, so every copy of it writes the same new value.
+    Works on the (row, token) pairs of the histories, not on whole rows: a dense where or
+    masked_fill over [32, 49k] measured ~10 ms here. A pair seen several times is read
+    before any write, so every copy of it writes the same new value.
     """
     rows = [i for i, p in enumerate(params) if p.needs_history]
     if not rows:
@@ -266,28 +284,30 @@ def _apply_penalties(
         raise ValueError("repetition, frequency and presence penalties need the histories")
     flat = out.view(-1)
     vocab = out.shape[1]
-    answer, answer_rows = _flat_token_index(
-        [histories[i].output_token_ids for i in rows], rows, vocab
-    )
-    repetition = _row_values(params, "repetition_penalty")
     repeat = [i for i in rows if params[i].repetition_penalty != 1]
     if repeat:
         prompt, prompt_rows = _flat_token_index(
             [histories[i].prompt_token_ids for i in repeat], repeat, vocab
         )
-        in_repeat = repetition[answer_rows] != 1
-        seen = torch.cat([prompt, answer[in_repeat]])
-        penalty = repetition[torch.cat([prompt_rows, answer_rows[in_repeat]])]
-        logit = flat[seen]
-        flat[seen] = torch.where(logit > 0, logit / penalty, logit * penalty)
-    if answer.numel():
-        counts = torch.zeros(flat.shape[0], dtype=torch.float32)
-        counts.scatter_add_(0, answer, torch.ones(answer.shape[0], dtype=torch.float32))
-        count = counts[answer]
-        logit = flat[answer]
+        answer, answer_rows = _flat_token_index(
+            [histories[i].output_token_ids for i in repeat], repeat, vocab
+        )
+        seen = torch.cat([prompt, answer])
+        penalty = _row_values(params, "repetition_penalty")[torch.cat([prompt_rows, answer_rows])]
+        logit = flat.index_select(0, seen)
+        flat.scatter_(0, seen, torch.where(logit > 0, logit / penalty, logit * penalty))
+    counted = [i for i in rows if params[i].frequency_penalty or params[i].presence_penalty]
+    if counted:
+        answer, answer_rows = _flat_token_index(
+            [histories[i].output_token_ids for i in counted], counted, vocab
+        )
+        # Counts of the (row, token) pairs without a [batch * vocab] tensor of zeros.
+        _, pair, pair_counts = torch.unique(answer, return_inverse=True, return_counts=True)
+        count = pair_counts.index_select(0, pair).float()
+        logit = flat.index_select(0, answer)
         logit -= _row_values(params, "frequency_penalty")[answer_rows] * count
         logit -= _row_values(params, "presence_penalty")[answer_rows] * (count > 0)
-        flat[answer] = logit
+        flat.scatter_(0, answer, logit)
 
 
 def _flat_token_index(
@@ -295,14 +315,17 @@ def _flat_token_index(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices into the flattened logits [batch * vocab] of the tokens of each sequence,
     sequence k being of row rows[k]; and the row of each index."""
-    lengths = torch.tensor([len(s) for s in sequences])
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
     tokens = torch.from_numpy(
         np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
     )
     row_of = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), lengths)
+    index = row_of * vocab + tokens
     # Ids the model cannot produce have no logit to penalise.
     valid = (tokens >= 0) & (tokens < vocab)
-    return (row_of * vocab + tokens)[valid], row_of[valid]
+    if bool(valid.all()):
+        return index, row_of
+    return index[valid], row_of[valid]
 
 
 def _row_values(params: Sequence[SamplingParams], name: str) -> torch.Tensor:
@@ -310,58 +333,90 @@ def _row_values(params: Sequence[SamplingParams], name: str) -> torch.Tensor:
     return torch.tensor([getattr(p, name) for p in params], dtype=torch.float32)
 
 
-def _softmax_with_temperature(
-    logits: torch.Tensor, params: Sequence[SamplingParams], rows: list[int]
-) -> torch.Tensor:
-    temperature = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32)
-    selected = logits if len(rows) == logits.shape[0] else logits[rows]
-    return torch.softmax(selected / temperature.unsqueeze(1), dim=-1)
+def _truncated_rows(
+    processed: torch.Tensor, params: Sequence[SamplingParams], work: torch.Tensor
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """Steps 5-6 for every non-greedy row i: (i, weights, ids) as _kept_tokens returns.
+
+    Weights are unnormalised probabilities, exp((logit - max) / temperature): top_p
+    compares with their total, min_p with their maximum. A top-k row only ever computes
+    its k best. May overwrite `work` (also when it holds `processed`).
+    """
+    vocab = processed.shape[1]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    whole = [i for i in rows if not 0 < params[i].top_k < vocab]
+    row_of = {i: row for row, i in enumerate(whole)}  # row of `weights` that is row i
+    weights = None
+    if whole:
+        temperature = _row_values(params, "temperature")[whole].unsqueeze(1)
+        if len(whole) == processed.shape[0]:
+            scaled = torch.div(processed, temperature, out=work)
+        else:
+            scaled = processed[whole].div_(temperature)
+        weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()
+    for i in rows:
+        p = params[i]
+        if 0 < p.top_k < vocab:
+            best, ids = torch.topk(processed[i], p.top_k)  # sorted, most probable first
+            top_weights = best.sub_(float(best[0])).div_(p.temperature).exp_()
+            yield i, _truncate(top_weights, p, sorted_=True), ids
+        else:
+            assert weights is not None
+            kept, order = _kept_tokens(weights[row_of[i]], p)
+            yield i, kept, order
 
 
 def _kept_tokens(
-    probs: torch.Tensor, p: SamplingParams
+    weights: torch.Tensor, p: SamplingParams
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Step 6 on one row's probabilities [vocab]: float64 weights (not normalised, zero for
-    the tokens cut) and the token id of each weight, or None when they are in vocab order.
-    """
-    vocab = probs.shape[0]
-    ids: torch.Tensor | None
-    if 0 < p.top_k < vocab:
-        vals, ids = torch.topk(probs, p.top_k)  # already sorted, most probable first
-    elif p.top_p < 1:
-        vals, ids = _nucleus_candidates(probs, p.top_p)
-    else:
-        vals, ids = probs, None
-    weights = vals.double()
+    """Step 6 without top_k on one row's weights [vocab]: the weights kept (zero for the
+    tokens cut) and the token id of each, or None when they are in vocab order."""
     if p.top_p < 1:
-        # Mass of the distribution top_p applies to: the top-k's, or all of it.
-        total = weights.sum() if 0 < p.top_k < vocab else probs.double().sum()
-        before = torch.cumsum(weights, dim=0) - weights
-        # The most probable token always stays (nothing is before it).
+        # In float64, row by row: a float64 sum of the whole batch first copies it all.
+        total = float(weights.sum(dtype=torch.float64))
+        kept, ids = _nucleus_candidates(weights, p.top_p, total)
+        return _truncate(kept, p, sorted_=True, total=total), ids
+    return _truncate(weights, p, sorted_=False), None
+
+
+def _truncate(
+    weights: torch.Tensor, p: SamplingParams, *, sorted_: bool, total: float | None = None
+) -> torch.Tensor:
+    """top_p (over weights sorted in descending order, of mass `total`: by default their
+    own), then min_p; the weights cut become zero."""
+    if p.top_p < 1:
+        assert sorted_
+        kept = weights.double()
+        if total is None:
+            total = float(kept.sum())  # after top_k: top_p applies to the k, renormalised
+        before = torch.cumsum(kept, dim=0) - kept
         # Masks multiply: where/masked_fill are ~10x slower here (weights are finite).
-        weights = weights * (before < _top_p_cutoff(p.top_p, total))
+        # The most probable token always stays (nothing is before it).
+        weights = kept * (before < _top_p_cutoff(p.top_p, total))
     if p.min_p > 0:
-        weights = weights * (weights >= p.min_p * weights.max())
-    return weights, ids
+        best = float(weights[0]) if sorted_ else float(weights.max())
+        weights = weights * (weights >= p.min_p * best)
+    return weights
 
 
-def _top_p_cutoff(top_p: float, total: float | torch.Tensor) -> float | torch.Tensor:
+def _top_p_cutoff(top_p: float, total: float) -> float:
     """Tokens whose more probable predecessors hold less mass than this are kept."""
-    return top_p * total * (1 - _TOP_P_TOLERANCE)
+    return top_p * total * (1 - TOP_P_TOLERANCE)
 
 
-def _nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities sorted in descending order, with their ids, of a set of the most
-    probable tokens that holds every token of the top_p nucleus."""
-    total = float(probs.double().sum())
+def _nucleus_candidates(
+    weights: torch.Tensor, top_p: float, total: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights sorted in descending order, with their ids, of a set of the most probable
+    tokens that holds every token of the top_p nucleus."""
     for threshold in _NUCLEUS_THRESHOLDS:
-        ids = torch.nonzero(probs >= threshold).squeeze(1)
-        vals = probs[ids]
-        if threshold == 0 or float(vals.double().sum()) >= top_p * total:
+        ids = torch.nonzero(weights >= threshold * total).squeeze(1)
+        vals = weights.index_select(0, ids)
+        if threshold == 0 or float(vals.sum(dtype=torch.float64)) >= top_p * total:
             break
     # Stable: equal probabilities keep id order, so the result is the same in any batch.
     vals, order = torch.sort(vals, descending=True, stable=True)
-    return vals, ids[order]
+    return vals, ids.index_select(0, order)
 
 
 def _uniform(seed: int | None, index: int) -> float:
@@ -374,10 +429,32 @@ def _uniform(seed: int | None, index: int) -> float:
 
 
 def _inverse_cdf(weights: torch.Tensor, u: float) -> int:
-    # One uniform and a searchsorted: unlike torch.multinomial, the mapping from the
-    # uniform to the token is the same on every device and torch version.
-    cdf = torch.cumsum(weights, dim=0)
-    j = int(torch.searchsorted(cdf, u * float(cdf[-1]), right=True))
-    if j >= weights.shape[0]:  # u * total rounded up to total: take the last non-zero token
+    """The token whose interval of the cumulated weights holds u * total.
+
+    One uniform and a search: unlike torch.multinomial, the mapping from the uniform to
+    the token is the same on every device and torch version. In two levels (blocks, then
+    the one block the draw falls in): a float64 cumsum over a 49k vocabulary costs more.
+    """
+    n = weights.shape[0]
+    if n <= _CDF_BLOCK:  # a top-k or nucleus: one level is enough
+        return _first_above(torch.cumsum(weights, dim=0, dtype=torch.float64), weights,
+                            u * float(weights.sum(dtype=torch.float64)))
+    full = n - n % _CDF_BLOCK
+    sums = weights[:full].view(-1, _CDF_BLOCK).sum(dim=1)
+    if full < n:
+        sums = torch.cat([sums, weights[full:].sum().view(1)])
+    block_cdf = torch.cumsum(sums, dim=0, dtype=torch.float64)
+    target = u * float(block_cdf[-1])
+    b = _first_above(block_cdf, sums, target)
+    start = b * _CDF_BLOCK
+    block = weights[start : start + _CDF_BLOCK].double()
+    below = float(block_cdf[b - 1]) if b else 0.0
+    return start + _first_above(torch.cumsum(block, dim=0), block, target - below)
+
+
+def _first_above(cdf: torch.Tensor, weights: torch.Tensor, x: float) -> int:
+    """First index whose cdf exceeds x: always a token of non-zero weight."""
+    j = int(torch.searchsorted(cdf, x, right=True))
+    if j >= cdf.shape[0]:  # x rounded up to the total: the last token of non-zero weight
         j = int(torch.nonzero(weights).max())
     return j

@@ -48,6 +48,10 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
         if not prompt or len(prompt) >= self.engine.runner.config.max_context:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt does not fit")
         try:
+            params = sampling_from_pb(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling parameters: {exc}")
+        try:
             if request.HasField("kv_target"):
                 pages = self.receiver.take_reservation(request_id)
             else:
@@ -74,7 +78,6 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
 
             loop.call_soon_threadsafe(resolve)
 
-        params = sampling_from_pb(request.sampling)
         self.engine.submit_prefill(LocalPrefill(request_id, prompt, pages, params, done))
         try:
             token, logprob = await result

@@ -20,7 +20,7 @@ import torch
 
 from shared.kv_pool import KVPoolExhausted
 from shared.model.runner import ModelRunner, SeqSlice
-from shared.sampler import SamplingParams, sample
+from shared.sampler import SamplingParams, TokenHistory, sample
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,10 @@ class DecodeEngine:
         if not batch:
             return
         token_ids, logprobs = sample(
-            logits[: len(batch)], [s.params for s in batch], [s.num_output for s in batch]
+            logits[: len(batch)],
+            [s.params for s in batch],
+            [s.num_output for s in batch],
+            histories=[TokenHistory.split(s.token_ids, s.num_output) for s in batch],
         )
         max_context = self.runner.config.max_context
         for seq, token_id, logprob in zip(batch, token_ids, logprobs, strict=True):
@@ -291,6 +294,7 @@ class DecodeEngine:
             logits[[row for row, _ in finished]],
             [task.params for _, task in finished],
             [0] * len(finished),
+            histories=[TokenHistory(task.prompt, ()) for _, task in finished],
         )
         for (_, task), token, logprob in zip(finished, tokens, logprobs, strict=True):
             self._end_prefill(task, token, logprob)

@@ -39,7 +39,10 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         request_id = request.request_id
         prompt = [int(t) for t in request.prompt_token_ids]
-        params = sampling_from_pb(request.sampling)
+        try:
+            params = sampling_from_pb(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling parameters: {exc}")
         runner = self.engine.runner
         pool = runner.pool
         if not prompt or len(prompt) >= runner.config.max_context:

@@ -9,9 +9,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 TokenId = Annotated[int, Field(ge=0)]
+
+
+def _check_top_k(value: int) -> int:
+    if value == 0 or value < -1:
+        raise ValueError("top_k must be -1 (all tokens) or at least 1")
+    return value
+
+
+TopK = Annotated[int, AfterValidator(_check_top_k)]
 
 
 class _Request(BaseModel):
@@ -48,9 +64,15 @@ class SamplingFields(_Request):
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # Token id (a string in JSON) -> bias added to its logit; the ids are checked against
+    # the vocabulary when the request is planned.
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
     # Extensions (extra_body), named as in vLLM/SGLang.
-    top_k: int | None = None  # <= 0 or -1: off
+    top_k: TopK | None = None
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    min_tokens: int | None = Field(default=None, ge=0)  # at most max_tokens
     ignore_eos: bool | None = False
     stop_token_ids: list[TokenId] | None = None
     # Isolates this tenant's cached prefixes from others' (vLLM's name for it).

@@ -24,10 +24,6 @@ logger = logging.getLogger("kvrelay.gateway")
 def reject_unsupported_sampling(body: SamplingFields) -> None:
     if body.n is not None and body.n > 1:
         raise not_supported(f"n={body.n} (several choices per request)", "n")
-    if body.presence_penalty:
-        raise not_supported("presence_penalty", "presence_penalty")
-    if body.frequency_penalty:
-        raise not_supported("frequency_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)

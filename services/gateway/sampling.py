@@ -26,6 +26,12 @@ class GenerationPlan:
     stop_token_ids: tuple[int, ...]
     stop_strings: tuple[str, ...]
     cache_salt: str | None = None  # enters the prompt's block hashes: a tenant's own cache
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids in the vocabulary
 
     @property
     def prompt_len(self) -> int:
@@ -38,6 +44,12 @@ class GenerationPlan:
             top_k=self.top_k,
             max_new_tokens=self.max_new_tokens,
             stop_token_ids=list(self.stop_token_ids),
+            min_p=self.min_p,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_new_tokens=self.min_new_tokens,
+            logit_bias=dict(self.logit_bias),
         )
         if self.seed is not None:
             params.seed = self.seed
@@ -86,6 +98,14 @@ def build_plan(
     stop = request.stop
     stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
 
+    min_tokens = request.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens ({min_tokens}) is more than max_tokens ({max_tokens})", "min_tokens"
+        )
+    logit_bias = tuple(sorted((request.logit_bias or {}).items()))
+    model.check_token_ids([t for t, _ in logit_bias], "logit_bias")
+
     top_k = request.top_k if request.top_k is not None and request.top_k > 0 else 0
     top_k = min(top_k, model.vocab_size)  # larger means all of them; keeps it in int32
     return GenerationPlan(
@@ -100,4 +120,10 @@ def build_plan(
         stop_token_ids=tuple(stop_ids),
         stop_strings=tuple(s for s in stop_strings if s),
         cache_salt=request.cache_salt or None,
+        min_p=request.min_p or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,  # > 0 when given
+        min_new_tokens=min_tokens,
+        logit_bias=logit_bias,
     )

@@ -21,7 +21,7 @@ from shared.block_hash import block_hashes
 from shared.kv_pool import KVPoolExhausted
 from shared.model.runner import ModelRunner, SeqSlice
 from shared.prefix_cache import PrefixCache
-from shared.sampler import SamplingParams, sample
+from shared.sampler import SamplingParams, TokenHistory, sample
 from shared.transfer import KvSender, KvTransferError
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,14 @@ class PrefillOutcome:
 
 @dataclass(frozen=True)
 class PrefillLimits:
-    max_prefill_tokens: int = 4096    # tokens computed in one step, all prompts together
+    max_prefill_tokens: int = 4096  # tokens computed in one step, all prompts together
     chunked_prefill_size: int = 2048  # longest piece of one prompt in one step
 
 
 @dataclass
 class PrefillStats:
     steps: int = 0
-    largest_batch: int = 0      # most prompts computed together in one step
+    largest_batch: int = 0  # most prompts computed together in one step
     tokens_computed: int = 0
     tokens_cached: int = 0
 
@@ -74,7 +74,7 @@ class _Task:
     hashes: list[bytes] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     cached_tokens: int = 0
-    computed: int = 0       # prompt tokens whose KV is in `pages`
+    computed: int = 0  # prompt tokens whose KV is in `pages`
     pages_sent: int = 0
     bytes_sent: int = 0
     chunks_sent: int = 0
@@ -105,8 +105,8 @@ class PrefillEngine:
         self._inbox: queue.SimpleQueue[_Task | _Wake | None] = queue.SimpleQueue()
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
-        self._waiting: list[_Task] = []   # admitted in order, not yet holding pages
-        self._running: list[_Task] = []   # holding pages, partly computed
+        self._waiting: list[_Task] = []  # admitted in order, not yet holding pages
+        self._running: list[_Task] = []  # holding pages, partly computed
         self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
         self.stats = PrefillStats()
 
@@ -260,14 +260,19 @@ class PrefillEngine:
             except KvTransferError as exc:
                 self._running.remove(task)
                 self._fail(task, exc, tell_decode=False)
-        if finished:
-            rows = [row for row, _ in finished]
-            tokens, logprobs = sample(
-                logits[rows], [t.job.params for _, t in finished], [0] * len(finished)
-            )
-            for (_, task), token, logprob in zip(finished, tokens, logprobs, strict=True):
-                self._running.remove(task)
-                self._complete(task, token, logprob)
+        for row, task in finished:
+            self._running.remove(task)
+            try:
+                (token,), (logprob,) = sample(
+                    logits[row : row + 1],
+                    [task.job.params],
+                    [0],
+                    histories=[TokenHistory(task.job.prompt, ())],
+                )
+            except ValueError as exc:  # parameters the sampler refuses fail their request
+                self._fail(task, exc, tell_decode=True)
+                continue
+            self._complete(task, token, logprob)
 
     def _send_ready_pages(self, task: _Task, upto: int) -> None:
         """Sends pages [pages_sent, upto) of the task to its decode worker, if it has one."""
@@ -307,12 +312,22 @@ class PrefillEngine:
         log.info(
             "request %s: prefill %d tokens (%d cached) in %.1f ms after %.1f ms queued, "
             "KV %d bytes",
-            job.request_id, len(job.prompt), task.cached_tokens, (now - task.started) * 1e3,
-            (task.started - task.submitted) * 1e3, task.bytes_sent,
+            job.request_id,
+            len(job.prompt),
+            task.cached_tokens,
+            (now - task.started) * 1e3,
+            (task.started - task.submitted) * 1e3,
+            task.bytes_sent,
         )
         task.future.set_result(
-            PrefillOutcome(token, logprob, task.bytes_sent, task.cached_tokens,
-                           task.started - task.submitted, now - task.started)
+            PrefillOutcome(
+                token,
+                logprob,
+                task.bytes_sent,
+                task.cached_tokens,
+                task.started - task.submitted,
+                now - task.started,
+            )
         )
 
     def _fail(self, task: _Task, exc: BaseException, tell_decode: bool) -> None:
@@ -324,7 +339,8 @@ class PrefillEngine:
             # Decode frees its reserved pages now instead of waiting for its timeout.
             try:
                 self.sender.abort(
-                    request_id=job.request_id, endpoint=job.destination.endpoint,
+                    request_id=job.request_id,
+                    endpoint=job.destination.endpoint,
                     reason=f"prefill failed: {exc}",
                 )
             except KvTransferError:

@@ -51,10 +51,14 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             destination = KvDestination(
                 request.kv_target.endpoint, [int(p) for p in request.kv_target.page_ids]
             )
+        try:
+            params = sampling_from_pb(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling parameters: {exc}")
         job = PrefillJob(
             request_id=request.request_id,
             prompt=[int(t) for t in request.prompt_token_ids],
-            params=sampling_from_pb(request.sampling),
+            params=params,
             destination=destination,
             cache_salt=request.cache_salt or None,
         )
@@ -109,4 +113,3 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.engine.sender.close()
         if self.publisher is not None:
             self.publisher.close()
-

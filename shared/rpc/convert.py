@@ -7,6 +7,8 @@ from shared.sampler import SamplingParams
 
 
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
+    """Proto3 zeros mean "off" where zero is not a meaningful value (top_p, top_k,
+    repetition_penalty). Raises ValueError for values SamplingParams refuses."""
     return SamplingParams(
         temperature=float(msg.temperature),
         top_p=float(msg.top_p) if msg.top_p > 0 else 1.0,
@@ -14,6 +16,13 @@ def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         seed=int(msg.seed) if msg.HasField("seed") else None,
         max_new_tokens=int(msg.max_new_tokens),
         stop_token_ids=tuple(int(t) for t in msg.stop_token_ids),
+        min_p=float(msg.min_p),
+        frequency_penalty=float(msg.frequency_penalty),
+        presence_penalty=float(msg.presence_penalty),
+        repetition_penalty=float(msg.repetition_penalty) if msg.repetition_penalty > 0 else 1.0,
+        min_new_tokens=int(msg.min_new_tokens),
+        # Sorted: the same request gives equal SamplingParams whatever the map's order.
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in msg.logit_bias.items())),
     )
 
 
@@ -24,6 +33,12 @@ def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
         top_k=params.top_k if params.top_k > 0 else 0,
         max_new_tokens=params.max_new_tokens,
         stop_token_ids=list(params.stop_token_ids),
+        min_p=params.min_p,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        repetition_penalty=params.repetition_penalty,
+        min_new_tokens=params.min_new_tokens,
+        logit_bias=dict(params.logit_bias),
     )
     if params.seed is not None:
         msg.seed = params.seed

@@ -16,9 +16,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.gateway.config import GatewayConfig
+from services.gateway.protocol import CompletionRequest
+from services.gateway.sampling import build_plan
 from services.gateway.server import create_app
+from services.gateway.tokenizer import load_model_info
 from services.processes import free_port
 from shared.config import DEFAULT_MODEL_NAME
+from shared.rpc.convert import sampling_from_pb
+from shared.sampler import SamplingParams
 
 MODEL = "test-model"
 CHAT = "/v1/chat/completions"
@@ -286,3 +291,120 @@ def test_api_key(default_model_dir: Path) -> None:
         assert_openai_error(bad_model, 404)
         # Load balancers probe /health without credentials.
         assert c.get("/health").status_code == 503
+
+
+# --- sampling parameters ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"presence_penalty": "lots"}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.2}, "repetition_penalty"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+        ({"logit_bias": {"five": 1}}, "logit_bias"),
+        ({"logit_bias": {"-3": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": "x"}}, "logit_bias"),
+        ({"logit_bias": [5, 1]}, "logit_bias"),
+        ({"logit_bias": {"10000000": 5}}, "logit_bias"),  # outside the vocabulary
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"seed": "x"}, "seed"),
+    ],
+)
+def test_out_of_range_sampling_parameters_are_400(
+    client: TestClient, fields: dict[str, Any], param: str
+) -> None:
+    for path, body in (
+        (CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 4}),
+        (COMPLETIONS, {"model": MODEL, "prompt": "Once", "max_tokens": 4}),
+    ):
+        resp = client.post(path, json={**body, **fields})
+        message = assert_openai_error(resp, 400)
+        # pydantic names the bad entry too (logit_bias.5); the field comes first.
+        assert resp.json()["error"]["param"].split(".")[0] == param, message
+        assert param in message or "vocabulary" in message
+
+
+def test_min_tokens_beyond_the_context_is_400(client: TestClient, max_context: int) -> None:
+    # No max_tokens: the answer may fill the context, and min_tokens may not ask for more.
+    body = {"model": MODEL, "prompt": [1, 2, 3], "min_tokens": max_context}
+    assert_openai_error(client.post(COMPLETIONS, json=body), 400, "min_tokens")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"frequency_penalty": -2, "presence_penalty": 2},
+        {"frequency_penalty": 0.5, "presence_penalty": -0.5, "repetition_penalty": 1.3},
+        {"min_p": 0, "top_k": -1},
+        {"min_p": 1, "top_k": 1},
+        {"top_k": 10_000_000},  # more than the vocabulary: all of it
+        {"logit_bias": {"5": 100, "7": -100, "49151": 0.5}},
+        {"logit_bias": {}},
+        {"min_tokens": 4, "max_tokens": 4},
+        {"min_tokens": 0, "seed": -5},
+        {"seed": 2**70, "temperature": 0.7, "top_p": 0.9},
+    ],
+)
+def test_sampling_parameters_in_range_get_past_validation(
+    client: TestClient, fields: dict[str, Any]
+) -> None:
+    # Valid: what stops them is that no worker runs.
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 4, **fields}
+    assert_openai_error(client.post(CHAT, json=body), 503)
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4, **fields}
+    assert_openai_error(client.post(COMPLETIONS, json=body), 503)
+
+
+def test_openai_sdk_sampling_parameters_are_accepted(client: TestClient) -> None:
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client,
+                        max_retries=0)
+    with pytest.raises(openai.InternalServerError) as unavailable:
+        sdk.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+            temperature=0.8, top_p=0.9, seed=7, frequency_penalty=0.5, presence_penalty=0.3,
+            logit_bias={"42": 10},
+            extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2},
+        )
+    assert unavailable.value.status_code == 503
+    with pytest.raises(openai.BadRequestError):
+        sdk.completions.create(model=MODEL, prompt="x", max_tokens=4, logit_bias={"42": 150})
+
+
+def test_plan_puts_every_sampling_parameter_on_the_wire(default_model_dir: Path) -> None:
+    model = load_model_info(str(default_model_dir))
+    request = CompletionRequest.model_validate({
+        "prompt": "Once", "temperature": 0.5, "top_p": 0.75, "seed": -1,
+        "frequency_penalty": 0.25, "presence_penalty": -1.5, "logit_bias": {"9": -100, "3": 2.5},
+        "top_k": 40, "min_p": 0.125, "repetition_penalty": 1.25, "min_tokens": 3,
+        "stop_token_ids": [7],
+    })
+    plan = build_plan(model, request, [1, 2, 3], request_id="r", max_tokens=8)
+    wire = plan.sampling_params()
+    assert (wire.temperature, wire.top_p, wire.top_k, wire.seed) == (0.5, 0.75, 40, 2**64 - 1)
+    assert (wire.frequency_penalty, wire.presence_penalty) == (0.25, -1.5)
+    assert (wire.min_p, wire.repetition_penalty) == (0.125, 1.25)
+    assert (wire.max_new_tokens, wire.min_new_tokens) == (8, 3)
+    assert dict(wire.logit_bias) == {9: -100.0, 3: 2.5}
+    assert list(wire.stop_token_ids) == [*model.eos_token_ids, 7]
+    # What the workers make of it: every value is one SamplingParams accepts.
+    params = sampling_from_pb(wire)
+    assert params.logit_bias == ((3, 2.5), (9, -100.0))
+    assert params.min_new_tokens == 3 and params.repetition_penalty == 1.25
+
+    defaults = build_plan(model, CompletionRequest.model_validate({"prompt": "Once"}), [1, 2],
+                          request_id="r", max_tokens=4).sampling_params()
+    assert sampling_from_pb(defaults) == SamplingParams(
+        max_new_tokens=4, stop_token_ids=tuple(model.eos_token_ids)
+    )
