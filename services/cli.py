@@ -56,7 +56,7 @@ def _add_gateway_flags(parser: _EnvParser) -> None:
                                  "Redis, approx without)")
     parser.add_env_argument("--router-uncached-weight", type=float, default=1.0,
                             help="routing cost per prompt token the worker has to compute")
-    parser.add_env_argument("--router-load-weight", type=float, default=1.0,
+    parser.add_env_argument("--router-load-weight", type=float, default=0.5,
                             help="routing cost per prompt token queued on the worker")
 
 

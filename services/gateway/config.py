@@ -20,7 +20,7 @@ class GatewayConfig:
     redis_url: str | None = None  # the prefix index; None: route without it
     router_policy: str | None = None  # prefix|approx|round_robin|least_load; None: see below
     router_uncached_weight: float = 1.0  # cost per prompt token the worker must compute
-    router_load_weight: float = 1.0  # cost per prompt token already queued on the worker
+    router_load_weight: float = 0.5  # cost per prompt token queued on the worker (see policies)
 
     @property
     def effective_router_policy(self) -> str:

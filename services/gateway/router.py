@@ -188,22 +188,19 @@ class PolicyRouter:
         cached_tokens = min(choice.cached_blocks * query.block_size, query.prompt_len)
         uncached = query.prompt_len - cached_tokens
         prefill.inflight += 1
-        prefill.queued_tokens += query.prompt_len
-        prefill.queued_uncached_tokens += uncached
+        prefill.add_queued(query.prompt_len, uncached)
         if decode is not None:
             decode.inflight += 1
-        if choice.policy == self.policy.name:
-            self.policy.routed(choice, query)
-        else:
-            # A fallback decision still teaches the routing history what went where.
-            self.policy.routed(PrefillChoice(prefill, 0, self.policy.name), query)
+        # A fallback decision still teaches the routing history what went where.
+        own_choice = PrefillChoice(prefill, choice.cached_blocks, self.policy.name)
+        self.policy.routed(own_choice, query)
         self.metrics.routed_requests.labels(policy=choice.policy).inc()
         self.metrics.predicted_cached_tokens.inc(cached_tokens)
 
         def on_prefill_done(actual_cached: int | None) -> None:
+            self.policy.prefill_done(own_choice, query)
             prefill.inflight -= 1
-            prefill.queued_tokens -= query.prompt_len
-            prefill.queued_uncached_tokens -= uncached
+            prefill.add_queued(-query.prompt_len, -uncached)
             if actual_cached is not None:
                 self.metrics.prefill_prompt_tokens.inc(query.prompt_len)
                 self.metrics.prefill_cached_tokens.inc(actual_cached)

@@ -5,7 +5,7 @@ Prefill workers publish (PrefixIndexPublisher, a thread); gateways read
 """
 
 from shared.prefix_index.publisher import PrefixIndexPublisher
-from shared.prefix_index.reader import PrefixIndexReader, WorkerMatch
+from shared.prefix_index.reader import PrefixIndexReader, WorkerLoad, WorkerMatch
 from shared.prefix_index.schema import (
     DEFAULT_KEY_PREFIX,
     IndexKeys,
@@ -21,6 +21,7 @@ __all__ = [
     "PrefixIndexPublisher",
     "PrefixIndexReader",
     "PrefixIndexUnavailable",
+    "WorkerLoad",
     "WorkerMatch",
     "WorkerStatus",
 ]

@@ -8,6 +8,7 @@ purpose: a request waits at most one socket timeout for Redis.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -17,6 +18,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from shared.block_hash import DIGEST_SIZE
 from shared.prefix_index.schema import (
     DEFAULT_KEY_PREFIX,
     IndexKeys,
@@ -26,9 +28,18 @@ from shared.prefix_index.schema import (
 from shared.prefix_index.scripts import LIVE_WORKERS, LOOKUP, REAP, LuaScript, load_all_async
 
 
+class WorkerLoad(NamedTuple):
+    """What routing needs of a worker's status (the lookup returns only this, to stay fast)."""
+
+    worker_id: str
+    address: str
+    queued_tokens: int
+    updated_at: float  # Unix time the worker reported queued_tokens
+
+
 class WorkerMatch(NamedTuple):
     blocks: int  # leading blocks of the prompt this worker holds
-    status: WorkerStatus
+    status: WorkerLoad
 
 
 class PrefixIndexReader:
@@ -72,17 +83,16 @@ class PrefixIndexReader:
 
     async def lookup(self, hashes: Sequence[bytes]) -> dict[str, int]:
         """Live worker id -> how many leading blocks of `hashes` it holds (0 included)."""
-        reply = await self._call(LOOKUP, "0", *hashes)
-        return {_text(reply[i + 1]): int(reply[i]) for i in range(0, len(reply), 2)}
+        reply = json.loads(await self._call(LOOKUP, "0", _concat(hashes)))
+        return {worker_id: depth for depth, worker_id in reply}
 
     async def match(self, hashes: Sequence[bytes]) -> dict[str, WorkerMatch]:
         """As lookup, with each live worker's status (address, load) in the same round trip."""
-        reply = await self._call(LOOKUP, "1", *hashes)
-        matches: dict[str, WorkerMatch] = {}
-        for i in range(0, len(reply), 2):
-            status = WorkerStatus.from_flat(reply[i + 1])
-            matches[status.worker_id] = WorkerMatch(int(reply[i]), status)
-        return matches
+        reply = json.loads(await self._call(LOOKUP, "1", _concat(hashes)))
+        return {
+            worker_id: WorkerMatch(depth, WorkerLoad(worker_id, address, int(queued), updated))
+            for depth, worker_id, address, queued, updated in reply
+        }
 
     async def live_workers(self) -> dict[str, WorkerStatus]:
         """Worker id -> status (address, load, last seen) of every live worker."""
@@ -110,6 +120,12 @@ class PrefixIndexReader:
         client, self._client = self._client, None
         if client is not None and self._loop is asyncio.get_running_loop():
             await client.aclose()
+
+
+def _concat(hashes: Sequence[bytes]) -> bytes:
+    if any(len(h) != DIGEST_SIZE for h in hashes):
+        raise ValueError(f"block hashes have {DIGEST_SIZE} bytes")
+    return b"".join(hashes)
 
 
 def _text(value: bytes | str) -> str:

@@ -122,13 +122,15 @@ return {reaped, 0}
 """,
 )
 
-# ARGV: prefix, with_status ("1"/"0"), hash, ... (the prompt's blocks, in order)
-#   ->  {depth, status, depth, status, ...} for every live worker, where status is the
-#       live hash as a flat list (with_status) or just the worker id.
+# ARGV: prefix, with_status ("1"/"0"), the prompt's block hashes concatenated (16 bytes each)
+#   ->  JSON [[depth, worker_id(, address, queued_tokens, updated_at)], ...], one entry per
+#       live worker. One argument and one string back: the client neither packs hundreds of
+#       arguments nor parses hundreds of reply elements.
 LOOKUP = LuaScript(
     "lookup",
     """
-local prefix, with_status = ARGV[1], ARGV[2] == '1'
+local prefix, with_status, blob = ARGV[1], ARGV[2] == '1', ARGV[3]
+local size = 16
 local live = {}
 local matching = {}
 local remaining = 0
@@ -139,35 +141,40 @@ for _, slot in ipairs(redis.call('SMEMBERS', prefix .. 'workers')) do
     remaining = remaining + 1
   end
 end
+local blocks = math.floor(#blob / size)
 local depth = {}
-local first = 3
-for i = first, #ARGV do
+for i = 0, blocks - 1 do
   if remaining == 0 then break end
   local still = {}
+  local before = remaining
   remaining = 0
-  for _, slot in ipairs(redis.call('SMEMBERS', prefix .. 'b:' .. ARGV[i])) do
+  local key = prefix .. 'b:' .. string.sub(blob, i * size + 1, (i + 1) * size)
+  for _, slot in ipairs(redis.call('SMEMBERS', key)) do
     if matching[slot] then
       still[slot] = true
       remaining = remaining + 1
     end
   end
-  for slot in pairs(matching) do
-    if not still[slot] then depth[slot] = i - first end
+  if remaining < before then
+    for slot in pairs(matching) do
+      if not still[slot] then depth[slot] = i end
+    end
   end
   matching = still
 end
-for slot in pairs(matching) do depth[slot] = #ARGV - first + 1 end
+for slot in pairs(matching) do depth[slot] = blocks end
+if #live == 0 then return '[]' end
 local out = {}
 for _, slot in ipairs(live) do
   local key = prefix .. 'live:' .. slot
-  out[#out + 1] = depth[slot]
   if with_status then
-    out[#out + 1] = redis.call('HGETALL', key)
+    local s = redis.call('HMGET', key, 'worker_id', 'address', 'queued_tokens', 'updated_at')
+    out[#out + 1] = {depth[slot], s[1], s[2], tonumber(s[3]) or 0, tonumber(s[4]) or 0}
   else
-    out[#out + 1] = redis.call('HGET', key, 'worker_id')
+    out[#out + 1] = {depth[slot], redis.call('HGET', key, 'worker_id')}
   end
 end
-return out
+return cjson.encode(out)
 """,
 )
 

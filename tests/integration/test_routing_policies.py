@@ -21,6 +21,7 @@ from services.cli import build_parser
 from services.gateway.config import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.router import PolicyRouter, Route
+from services.gateway.routing.approx_tree import ApproxPrefixTree
 from services.gateway.routing.build import Routing, build_routing
 from services.gateway.server import create_app
 from services.gateway.worker_clients import WorkerPool
@@ -137,6 +138,50 @@ def test_queued_load_outweighs_a_short_cached_prefix_unless_weighted_away(
             workers.close()
 
 
+def test_reported_load_counts_other_gateways_but_not_our_finished_requests(
+    redis_server: RedisServer, isolated_prefix: str
+) -> None:
+    routing = make_routing("prefix", redis_server.url, key_prefix=isolated_prefix,
+                           router_load_weight=1.0)
+    workers = Workers(routing, redis_server.url)
+    assert routing.reader is not None
+    reader = routing.reader
+
+    def report(worker: int, queued: int) -> None:
+        workers.publishers[worker].set_load(queued, 0, 100)
+
+        async def reported() -> int:
+            try:
+                return (await reader.live_workers())[f"prefill-{worker}"].queued_tokens
+            finally:
+                await reader.close()
+
+        for _ in range(100):
+            if asyncio.run(reported()) == queued:
+                return
+        raise AssertionError("the load report did not arrive")
+
+    try:
+        system = prompt(35, 30 * BLOCK)
+        workers.store(1, hashes(system)[:30])
+        # Our own request on worker 1, reported while queued, then finished: the stale
+        # report must not keep counting it.
+        ours = route(routing.router, prompt(36, 20, shared=system))
+        assert ours.prefill is routing.directory.prefill[1].client
+        report(1, 500)
+        ours.prefill_done()
+        ours.release()
+        again = route(routing.router, prompt(37, 20, shared=system))
+        assert again.prefill is routing.directory.prefill[1].client
+        again.release()
+        # Load that other gateways sent (reported, not ours) does count.
+        report(1, 5000)
+        busy = route(routing.router, prompt(38, 20, shared=system))
+        assert busy.prefill is routing.directory.prefill[0].client
+    finally:
+        workers.close()
+
+
 def test_a_worker_whose_liveness_expired_is_never_chosen(
     redis_server: RedisServer, isolated_prefix: str
 ) -> None:
@@ -176,6 +221,20 @@ def test_a_prompt_follows_a_recent_route_before_the_index_has_it(
         assert third.prefill is not first.prefill
     finally:
         workers.close()
+
+
+def test_routes_in_flight_are_remembered_until_their_prefill_is_done() -> None:
+    now = [0.0]
+    tree = ApproxPrefixTree(max_age_s=5.0, clock=lambda: now[0])
+    blocks = hashes(prompt(40, 8 * BLOCK))
+    tree.record("w", blocks, pinned=True)  # sent, still queued behind other prompts
+    now[0] = 100.0
+    assert tree.depths(blocks, ["w", "v"]) == {"w": 8, "v": 0}
+    tree.record("w", blocks)  # prefill done: from now on Redis knows within seconds
+    now[0] = 104.0
+    assert tree.depths(blocks, ["w"]) == {"w": 8}
+    now[0] = 106.0
+    assert tree.depths(blocks, ["w"]) == {"w": 0}
 
 
 def test_redis_outage_routes_by_load_says_so_once_and_recovers(
@@ -310,9 +369,9 @@ def test_release_returns_the_load_and_is_idempotent() -> None:
 
 def test_policy_flags_and_defaults() -> None:
     args = build_parser().parse_args(["up", "--router-policy", "round_robin",
-                                      "--router-load-weight", "0.5"])
+                                      "--router-load-weight", "0.25"])
     assert (args.router_policy, args.router_load_weight, args.router_uncached_weight) == (
-        "round_robin", 0.5, 1.0)
+        "round_robin", 0.25, 1.0)
     gateway = build_parser().parse_args(["gateway", "--prefill-addrs", "a:1", "--decode-addrs",
                                          "b:2", "--redis-url", "redis://127.0.0.1:1/0"])
     assert gateway.router_policy is None

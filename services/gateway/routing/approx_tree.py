@@ -35,15 +35,25 @@ class ApproxPrefixTree:
         return len(self._per_worker.get(worker, ()))
 
     def record(
-        self, worker: str, hashes: Sequence[bytes], capacity: int = DEFAULT_CAPACITY_BLOCKS
+        self,
+        worker: str,
+        hashes: Sequence[bytes],
+        capacity: int = DEFAULT_CAPACITY_BLOCKS,
+        *,
+        pinned: bool = False,
     ) -> None:
-        """`worker` now holds the blocks of `hashes` (it was just sent that prompt)."""
+        """`worker` now holds the blocks of `hashes` (it was just sent that prompt).
+
+        `pinned` entries do not age (a prompt still queued on the worker); recording the
+        same blocks again unpinned starts their clock.
+        """
         now = self._clock()
+        stamp = float("inf") if pinned else now
         lru = self._per_worker.setdefault(worker, OrderedDict())
         for block_hash in reversed(hashes):  # the root ends most recent: evicted last
-            lru[block_hash] = now
+            lru[block_hash] = stamp
             lru.move_to_end(block_hash)
-            self._holders.setdefault(block_hash, {})[worker] = now
+            self._holders.setdefault(block_hash, {})[worker] = stamp
         while len(lru) > max(capacity, 0):
             self._drop_holder(lru.popitem(last=False)[0], worker)
         self._expire(worker, now)

@@ -27,8 +27,12 @@ POLICIES = ("prefix", "approx", "round_robin", "least_load")
 
 @dataclass(frozen=True)
 class CostWeights:
+    """Both in units of prompt tokens computed. A queue weighs less than its size: its
+    first job is on average half done, and sending a prompt to the worker that holds its
+    prefix saves compute that every later request would otherwise wait for."""
+
     uncached: float = 1.0  # per prompt token the worker has to compute
-    load: float = 1.0  # per prompt token already queued on the worker
+    load: float = 0.5  # per prompt token queued on the worker
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,11 @@ class PrefillPolicy(Protocol):
 
     async def choose(self, views: Sequence[WorkerView], query: RouteQuery) -> PrefillChoice: ...
 
-    def routed(self, choice: PrefillChoice, query: RouteQuery) -> None: ...
+    def routed(self, choice: PrefillChoice, query: RouteQuery) -> None:
+        """The request was sent to choice.view."""
+
+    def prefill_done(self, choice: PrefillChoice, query: RouteQuery) -> None:
+        """Its prefill ended (done or failed)."""
 
 
 class _Turns:
@@ -101,6 +109,9 @@ class RoundRobinPolicy:
     def routed(self, choice: PrefillChoice, query: RouteQuery) -> None:
         pass
 
+    def prefill_done(self, choice: PrefillChoice, query: RouteQuery) -> None:
+        pass
+
 
 class LeastLoadPolicy:
     name = "least_load"
@@ -118,6 +129,9 @@ class LeastLoadPolicy:
         return PrefillChoice(views[best], 0, self.name)
 
     def routed(self, choice: PrefillChoice, query: RouteQuery) -> None:
+        pass
+
+    def prefill_done(self, choice: PrefillChoice, query: RouteQuery) -> None:
         pass
 
 
@@ -141,11 +155,15 @@ class ApproxPolicy:
             choice.view.addr, query.hashes, choice.view.num_pages or DEFAULT_CAPACITY_BLOCKS
         )
 
+    def prefill_done(self, choice: PrefillChoice, query: RouteQuery) -> None:
+        pass
+
 
 class PrefixPolicy:
-    """Redis-backed. Routes of the last few seconds count too: a worker announces a
-    prompt's blocks only once it has computed them, and a request sharing the prefix may
-    arrive before that (it then waits behind the first one and finds the blocks cached)."""
+    """Redis-backed. This gateway's own routes count too, from when a prompt is sent until
+    a few seconds after its prefill: a worker announces a prompt's blocks only once it has
+    computed them (which may take long behind a queue), and a request sharing the prefix
+    may arrive before that (it then waits behind the first one and finds them cached)."""
 
     name = "prefix"
 
@@ -182,11 +200,16 @@ class PrefixPolicy:
         blocks = [max(m.blocks, recent[v.addr]) for v, m in live]
         # This gateway's own queue is exact; the reported one adds what other gateways sent.
         queued = [
-            v.queued_uncached_tokens + max(m.status.queued_tokens - v.queued_tokens, 0)
+            v.queued_uncached_tokens
+            + v.others_queued_tokens(m.status.queued_tokens, m.status.updated_at)
             for v, m in live
         ]
         best = _cheapest(candidates, blocks, queued, query, self.weights, self._turns.next())
         return PrefillChoice(candidates[best], blocks[best], self.name)
 
     def routed(self, choice: PrefillChoice, query: RouteQuery) -> None:
+        self.recent.record(choice.view.addr, query.hashes, pinned=True)
+
+    def prefill_done(self, choice: PrefillChoice, query: RouteQuery) -> None:
+        # From now on Redis tells; the window covers the announcement's way there.
         self.recent.record(choice.view.addr, query.hashes)

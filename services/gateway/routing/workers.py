@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
@@ -20,6 +22,7 @@ logger = logging.getLogger("kvrelay.gateway")
 
 INFO_TIMEOUT_S = 1.0
 DEFAULT_BLOCK_SIZE = 16  # DESIGN.md's default, until a prefill worker says otherwise
+QUEUE_LOG_S = 30.0  # longer than a worker's report can be old (it beats every TTL / 3)
 
 
 @dataclass(eq=False)
@@ -35,6 +38,8 @@ class WorkerView:
     inflight: int = 0  # requests routed here and not finished
     queued_tokens: int = 0  # prefill: prompt tokens routed here, prefill not done yet
     queued_uncached_tokens: int = 0  # prefill: of those, the ones predicted not cached
+    # (wall time, change of queued_tokens): what the queue was when a worker reported it
+    _queue_log: deque[tuple[float, int]] = field(default_factory=deque)
 
     @property
     def addr(self) -> str:
@@ -42,6 +47,28 @@ class WorkerView:
 
     def __repr__(self) -> str:
         return f"{self.client!r} ({self.worker_id or 'id unknown'})"
+
+    def add_queued(self, tokens: int, uncached_tokens: int) -> None:
+        now = time.time()
+        self.queued_tokens += tokens
+        self.queued_uncached_tokens += uncached_tokens
+        self._queue_log.append((now, tokens))
+        while self._queue_log and self._queue_log[0][0] < now - QUEUE_LOG_S:
+            self._queue_log.popleft()
+
+    def queued_tokens_at(self, wall_time: float) -> int:
+        """This gateway's queued_tokens on the worker as it was at `wall_time`."""
+        later = sum(delta for at, delta in self._queue_log if at > wall_time)
+        return self.queued_tokens - later
+
+    def others_queued_tokens(self, reported: int, reported_at: float) -> int:
+        """Of a queue the worker reported at `reported_at`, what other gateways sent.
+
+        The report may predate this gateway's latest changes (it lags a heartbeat):
+        subtracting this gateway's own queue *as it was then* neither counts a finished
+        request twice nor misses one just sent.
+        """
+        return max(reported - self.queued_tokens_at(reported_at), 0)
 
     def update(self, info: pb.WorkerInfo) -> None:
         if info.worker_id and info.worker_id != self.worker_id:
@@ -60,6 +87,7 @@ class WorkerDirectory:
         self.prefill = [WorkerView(c) for c in pool.prefill]
         self.decode = [WorkerView(c) for c in pool.decode]
         self._by_client = {id(v.client): v for v in self.prefill + self.decode}
+        self._size_warned = False
 
     def view(self, client: WorkerClient) -> WorkerView:
         return self._by_client[id(client)]
@@ -73,7 +101,8 @@ class WorkerDirectory:
     def block_size(self) -> int:
         """The prefill workers' page size: the block size of the hashes they announce."""
         sizes = {v.page_size for v in self.prefill if v.page_size}
-        if len(sizes) > 1:
+        if len(sizes) > 1 and not self._size_warned:
+            self._size_warned = True
             logger.warning("prefill workers disagree on the page size: %s", sorted(sizes))
         return min(sizes) if sizes else DEFAULT_BLOCK_SIZE
 
