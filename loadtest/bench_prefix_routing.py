@@ -294,7 +294,8 @@ def plot(results: dict[str, list[Outcome]], summaries: list[dict[str, Any]], ora
         values = sorted(o.ttft_s for o in outcomes if o.error is None)
         if values:
             cdf.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=policy)
-    cdf.set_xlabel("TTFT (s)")
+    cdf.set_xscale("log")
+    cdf.set_xlabel("TTFT (s, log scale)")
     cdf.set_ylabel("fraction of requests")
     cdf.set_title("TTFT CDF")
     cdf.grid(True, alpha=0.3)
