@@ -10,6 +10,8 @@ from services.gateway.errors import bad_request
 from services.gateway.protocol import SamplingFields
 from services.gateway.tokenizer import ModelInfo
 from shared.rpc import kvrelay_pb2 as pb
+from shared.rpc.convert import sampling_to_pb
+from shared.sampler import SamplingParams
 
 _UINT64 = 1 << 64
 
@@ -38,22 +40,23 @@ class GenerationPlan:
         return len(self.prompt_token_ids)
 
     def sampling_params(self) -> pb.SamplingParams:
-        params = pb.SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-            stop_token_ids=list(self.stop_token_ids),
-            min_p=self.min_p,
-            frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty,
-            repetition_penalty=self.repetition_penalty,
-            min_new_tokens=self.min_new_tokens,
-            logit_bias=dict(self.logit_bias),
+        # One mapping to the wire, shared with the workers' side (shared/rpc/convert.py).
+        return sampling_to_pb(
+            SamplingParams(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                seed=self.seed,
+                max_new_tokens=self.max_new_tokens,
+                stop_token_ids=self.stop_token_ids,
+                min_p=self.min_p,
+                frequency_penalty=self.frequency_penalty,
+                presence_penalty=self.presence_penalty,
+                repetition_penalty=self.repetition_penalty,
+                min_new_tokens=self.min_new_tokens,
+                logit_bias=self.logit_bias,
+            )
         )
-        if self.seed is not None:
-            params.seed = self.seed
-        return params
 
 
 def new_request_id(prefix: str) -> str:
