@@ -52,11 +52,14 @@ def time_kvrelay(base_url: str, model: str, messages: list[dict[str, str]], max_
                  runs: int) -> list[dict[str, float]]:
     results = []
     with httpx.Client(timeout=600) as client:
-        for _ in tqdm(range(runs + 1), desc="kvrelay", unit="req"):
+        for run in tqdm(range(runs + 1), desc="kvrelay", unit="req"):
+            # A different first line each run: no run may reuse another's cached prefix,
+            # so every TTFT includes the whole prompt's prefill, as HF's does.
+            unique = [{**messages[0], "content": f"Run {run}.\n{messages[0]['content']}"}]
             started = time.perf_counter()
             first = last = 0.0
             completion_tokens = 0
-            body = {"model": model, "messages": messages, "temperature": 0,
+            body = {"model": model, "messages": unique, "temperature": 0,
                     "max_tokens": max_tokens, "stream": True,
                     "stream_options": {"include_usage": True}}
             with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
