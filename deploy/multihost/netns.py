@@ -138,9 +138,6 @@ class Network:
         """Unplugs the host from the switch: its packets are dropped, with no reset."""
         _ip("-n", self.switch, "link", "set", host.name, "down")
 
-    def restore(self, host: Host) -> None:
-        _ip("-n", self.switch, "link", "set", host.name, "up")
-
     def counters(self, host: Host) -> LinkCounters:
         """Bytes through the host's network interface, as the kernel counts them."""
         out = _ip("-n", host.netns, "-s", "-json", "link", "show", HOST_IFACE).stdout

@@ -75,7 +75,6 @@ class DecodeEngine:
         self._prefills: list[LocalPrefill] = []
         # Sequences that gave their pages up to others; they recompute their KV and resume.
         self._preempted: list[DecodeSequence] = []
-        self.num_preemptions = 0
         self._aborts: set[str] = set()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -106,10 +105,6 @@ class DecodeEngine:
         with self._wakeup:
             self._aborts.add(request_id)
             self._wakeup.notify()
-
-    @property
-    def num_running(self) -> int:
-        return len(self._running)
 
     def pages_owed(self) -> int:
         """Pages the admitted sequences may claim soon: one per running sequence for its
@@ -240,7 +235,6 @@ class DecodeEngine:
         self.runner.pool.free(seq.page_ids)
         seq.page_ids = []
         self._preempted.append(seq)
-        self.num_preemptions += 1
         log.info(
             "request %s: preempted at %d tokens (KV pool full); will recompute",
             seq.request_id,

@@ -140,10 +140,6 @@ class Generator:
         self._open_calls: set[grpc.aio.Call] = set()
         self._closing = False
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._open_calls)
-
     def shutdown(self) -> None:
         """Ends every request in flight with a 503 (at the end of the shutdown grace period).
 

@@ -31,9 +31,6 @@ class ApproxPrefixTree:
     def __len__(self) -> int:
         return len(self._holders)
 
-    def blocks_of(self, worker: str) -> int:
-        return len(self._per_worker.get(worker, ()))
-
     def record(
         self,
         worker: str,
