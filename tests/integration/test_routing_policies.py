@@ -75,6 +75,10 @@ class Workers:
         for index, publisher in enumerate(self.publishers):
             publisher.set_snapshot(lambda i=index: list(self.held[i]))  # type: ignore[misc]
             publisher.start()
+        # Registered and live in Redis before any test routes: otherwise the router sees
+        # no live worker in the index and falls back to least_load.
+        for publisher in self.publishers:
+            assert publisher.flush(10)
 
     def store(self, worker: int, blocks: list[bytes]) -> None:
         self.held[worker] += blocks
