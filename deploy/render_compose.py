@@ -27,6 +27,12 @@ PROFILES = ("cpu", "gpu")
 BUILD_CONTEXT = "../.."  # the repository root, relative to deploy/compose/
 DOCKERFILES = {"cpu": "deploy/docker/Dockerfile.cpu", "gpu": "deploy/docker/Dockerfile.cuda"}
 CACHE_VOLUME = "kvrelay-cache"
+REQUIRED_MESSAGE = "set it in the shell or in .env, see deploy/README.md"
+# Grafana with kvrelay's dashboard (deploy/grafana/), in a profile of its own: add
+# `--profile grafana` to run it beside Prometheus (many deployments have a Grafana already).
+GRAFANA_IMAGE = "grafana/grafana:11.3.1"
+GRAFANA_PORT = 3000
+GRAFANA_PROFILE = "grafana"
 
 
 class ComposeResolver:
@@ -49,6 +55,9 @@ class ComposeResolver:
         return ",".join(f"{name}:{port}" for name in role.instances())
 
     def param(self, param: Param) -> str:
+        if param.required:
+            # Interpolation fails (compose exits) while the variable is unset or empty.
+            return f"${{{param.env}:?{REQUIRED_MESSAGE}}}"
         # Secrets have an empty default: their value only ever comes from the environment.
         return f"${{{param.env}:-{param.default}}}"
 
@@ -121,12 +130,47 @@ def _prometheus_service(topology: Topology) -> dict[str, Any]:
     port = topology.prometheus.port
     return {
         "image": topology.prometheus.image,
-        "command": ["--config.file=/etc/prometheus/prometheus.yml",
-                    "--storage.tsdb.path=/prometheus"],
+        "command": [
+            "--config.file=/etc/prometheus/prometheus.yml",
+            "--storage.tsdb.path=/prometheus",
+        ],
         "volumes": ["./prometheus.yml:/etc/prometheus/prometheus.yml:ro"],
         "ports": [f"{port}:{port}"],
         "healthcheck": {
             "test": ["CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{port}/-/ready"],
+            "interval": "10s",
+            "timeout": "5s",
+            "retries": 3,
+        },
+        "restart": "unless-stopped",
+    }
+
+
+def _grafana_service() -> dict[str, Any]:
+    return {
+        "profiles": [GRAFANA_PROFILE],
+        "image": GRAFANA_IMAGE,
+        "environment": {
+            # Viewers need no account; the admin (admin/admin at first) may edit.
+            "GF_AUTH_ANONYMOUS_ENABLED": "true",
+            "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer",
+            "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH": "/var/lib/grafana/dashboards/kvrelay.json",
+        },
+        "volumes": [
+            "../grafana/provisioning:/etc/grafana/provisioning:ro",
+            "../grafana/dashboards:/var/lib/grafana/dashboards:ro",
+        ],
+        "ports": [f"{GRAFANA_PORT}:{GRAFANA_PORT}"],
+        "depends_on": {"prometheus": {"condition": "service_healthy"}},
+        "healthcheck": {
+            "test": [
+                "CMD",
+                "wget",
+                "-q",
+                "-O",
+                "/dev/null",
+                f"http://127.0.0.1:{GRAFANA_PORT}/api/health",
+            ],
             "interval": "10s",
             "timeout": "5s",
             "retries": 3,
@@ -145,6 +189,7 @@ def compose_document(topology: Topology) -> dict[str, Any]:
                 name = service_name(role, instance, profile or "cpu")
                 services[name] = _service(topology, resolver, role, instance, profile)
     services["prometheus"] = _prometheus_service(topology)
+    services["grafana"] = _grafana_service()
     return {"name": "kvrelay", "services": services, "volumes": {CACHE_VOLUME: {}}}
 
 
@@ -154,13 +199,17 @@ def prometheus_document(topology: Topology) -> dict[str, Any]:
         if role.metrics is None:
             continue
         port = role.ports[role.metrics]
-        jobs.append({
-            "job_name": f"kvrelay-{role.name}",
-            "static_configs": [{
-                "targets": [f"{instance}:{port}" for instance in role.instances()],
-                "labels": {"role": role.name},
-            }],
-        })
+        jobs.append(
+            {
+                "job_name": f"kvrelay-{role.name}",
+                "static_configs": [
+                    {
+                        "targets": [f"{instance}:{port}" for instance in role.instances()],
+                        "labels": {"role": role.name},
+                    }
+                ],
+            }
+        )
     return {
         "global": {"scrape_interval": topology.prometheus.scrape_interval},
         "scrape_configs": jobs,
@@ -181,14 +230,17 @@ _Dumper.add_representer(list, _represent_list)
 
 
 def to_yaml(document: dict[str, Any], header: str) -> str:
-    body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
-                     width=100)
+    body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
     return header + body
 
 
 def render(topology: Topology) -> dict[str, str]:
     """File path (relative to deploy/) -> content."""
+    required = [p.env for p in topology.params.values() if p.required]
+    header = HEADER + (
+        f"# Required: {', '.join(required)} (compose stops without).\n" if required else ""
+    )
     return {
-        "compose/compose.yaml": to_yaml(compose_document(topology), HEADER),
+        "compose/compose.yaml": to_yaml(compose_document(topology), header),
         "compose/prometheus.yml": to_yaml(prometheus_document(topology), PROMETHEUS_HEADER),
     }

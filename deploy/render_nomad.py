@@ -20,8 +20,9 @@ SECRETS_PATH = f"nomad/jobs/{JOB}"  # Nomad Variables readable by this job's tas
 HEADER = """\
 # Rendered by `python -m deploy.render` from deploy/services.toml: edit that, not this.
 # Needs: Nomad >= 1.5 with the docker driver, host volumes "kvrelay-cache" and
-# "kvrelay-models" on every client{gpu_note}, and the secrets variable
-# (it may hold an empty api_key):  nomad var put {secrets} api_key=...
+# "kvrelay-models" on every client{gpu_note}, and the secrets variable with every key
+# ({optional}: may be empty; a task fails to start while a key is missing):
+#   nomad var put {secrets_path} {secrets}
 # Run:   nomad job run -var image=REGISTRY/kvrelay:cpu{gpu_var} {file}
 """
 PROMETHEUS_HEADER = """\
@@ -36,8 +37,10 @@ def service_name(role: Role) -> str:
 
 def _registry_addrs(role: Role) -> str:
     # Go template (consul-template) over Nomad's registry: "host:port,host:port".
-    return (f'{{{{ range $i, $s := nomadService "{service_name(role)}" }}}}'
-            "{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}")
+    return (
+        f'{{{{ range $i, $s := nomadService "{service_name(role)}" }}}}'
+        "{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}"
+    )
 
 
 class NomadEnvResolver:
@@ -100,6 +103,20 @@ def needs_template(topology: Topology, template: str) -> bool:
     return False
 
 
+def _reads_secrets(topology: Topology, template: str) -> bool:
+    return any(
+        kind == "param" and topology.params[arg].secret for kind, arg in placeholders(template)
+    )
+
+
+def _secrets_command(topology: Topology) -> tuple[str, str]:
+    """(the keys of `nomad var put`, the keys that may be empty)."""
+    secrets = [p for p in topology.params.values() if p.secret]
+    keys = " ".join(f"{p.name}=..." for p in secrets)
+    optional = ", ".join(p.name for p in secrets if not p.required) or "none"
+    return keys, optional
+
+
 def _variables(topology: Topology, profile: str) -> list[Block]:
     blocks: list[Block] = []
     for param in topology.params.values():
@@ -159,14 +176,20 @@ def _task(topology: Topology, role: Role, profile: str) -> Block:
     if plain:
         task.block("env").items.extend((k, _hcl(topology, role, v)) for k, v in plain.items())
     if templated:
-        lines = [f"{k}={expand(v, topology, role, role.name, template_resolver)}"
-                 for k, v in templated.items()]
+        lines = [
+            f"{k}={expand(v, topology, role, role.name, template_resolver)}"
+            for k, v in templated.items()
+        ]
         template = task.block("template")
         template.comment("Addresses from Nomad's registry and secrets: a change restarts the task.")
         template.attr("data", Heredoc("\n".join(lines)))
         template.attr("destination", "secrets/discovered.env")
         template.attr("env", True)
         template.attr("change_mode", "restart")
+        if any(_reads_secrets(topology, v) for v in templated.values()):
+            # A key missing from the Nomad Variables fails the task instead of starting it
+            # without, say, the internal token.
+            template.attr("error_on_missing_key", True)
     if role.is_kvrelay:
         cache = _hcl(topology, role, topology.kvrelay_volumes["cache"])
         task.block("volume_mount").attr("volume", "cache").attr("destination", cache)
@@ -199,8 +222,10 @@ def _group(topology: Topology, role: Role, profile: str) -> Block:
     reschedule.attr("delay", "30s").attr("delay_function", "exponential")
     reschedule.attr("max_delay", "10m").attr("unlimited", True)
     if role.is_kvrelay:
-        for volume, source, read_only in (("cache", "kvrelay-cache", False),
-                                          ("models", "kvrelay-models", True)):
+        for volume, source, read_only in (
+            ("cache", "kvrelay-cache", False),
+            ("models", "kvrelay-models", True),
+        ):
             block = group.block("volume", volume)
             block.attr("type", "host").attr("source", source).attr("read_only", read_only)
     service = group.block("service")
@@ -236,9 +261,12 @@ def _job(topology: Topology, profile: str) -> Block:
 
 def nomad_job(topology: Topology, profile: str) -> str:
     file = f"kvrelay-{profile}.nomad.hcl"
+    secrets, optional = _secrets_command(topology)
     header = HEADER.format(
         gpu_note=", the NVIDIA device plugin" if profile == "gpu" else "",
-        secrets=SECRETS_PATH,
+        secrets_path=SECRETS_PATH,
+        secrets=secrets,
+        optional=optional,
         gpu_var=" -var cuda_image=REGISTRY/kvrelay:cuda" if profile == "gpu" else "",
         file=file,
     )
@@ -248,15 +276,20 @@ def nomad_job(topology: Topology, profile: str) -> str:
 def prometheus_document(topology: Topology) -> dict[str, Any]:
     return {
         "global": {"scrape_interval": topology.prometheus.scrape_interval},
-        "scrape_configs": [{
-            "job_name": JOB,
-            "nomad_sd_configs": [{"server": "http://127.0.0.1:4646"}],
-            "relabel_configs": [
-                {"source_labels": ["__meta_nomad_tags"], "regex": ".*,prometheus,.*",
-                 "action": "keep"},
-                {"source_labels": ["__meta_nomad_service"], "target_label": "service"},
-            ],
-        }],
+        "scrape_configs": [
+            {
+                "job_name": JOB,
+                "nomad_sd_configs": [{"server": "http://127.0.0.1:4646"}],
+                "relabel_configs": [
+                    {
+                        "source_labels": ["__meta_nomad_tags"],
+                        "regex": ".*,prometheus,.*",
+                        "action": "keep",
+                    },
+                    {"source_labels": ["__meta_nomad_service"], "target_label": "service"},
+                ],
+            }
+        ],
     }
 
 

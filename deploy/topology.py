@@ -36,6 +36,7 @@ class Param:
     default: str
     help: str = ""
     secret: bool = False
+    required: bool = False  # no default: the deployment refuses to run without a value
 
 
 HEALTHCHECK_PROGRAM = "kvrelay-healthcheck"  # deploy/healthcheck.py, installed in the image
@@ -167,9 +168,7 @@ def placeholders(template: str) -> Iterator[tuple[PlaceholderKind, str]]:
         yield kind, match.group(2) or ""
 
 
-def expand(
-    template: str, topology: Topology, role: Role, instance: str, resolver: Resolver
-) -> str:
+def expand(template: str, topology: Topology, role: Role, instance: str, resolver: Resolver) -> str:
     """`template` with every placeholder replaced as `resolver` says."""
 
     def replace(match: re.Match[str]) -> str:
@@ -197,8 +196,14 @@ def load(path: Path = SOURCE) -> Topology:
 
 def _parse(raw: Mapping[str, Any]) -> Topology:
     params = {
-        name: Param(name=name, env=p["env"], default=str(p["default"]), help=p.get("help", ""),
-                    secret=bool(p.get("secret", False)))
+        name: Param(
+            name=name,
+            env=p["env"],
+            default=str(p["default"]),
+            help=p.get("help", ""),
+            secret=bool(p.get("secret", False)),
+            required=bool(p.get("required", False)),
+        )
         for name, p in raw.get("params", {}).items()
     }
     profiles = {
@@ -240,6 +245,9 @@ def _parse(raw: Mapping[str, Any]) -> Topology:
 def _check(topology: Topology) -> None:
     if set(topology.profiles) != {"cpu", "gpu"}:
         raise TopologyError(f"profiles must be cpu and gpu, not {sorted(topology.profiles)}")
+    for param in topology.params.values():
+        if param.required and param.default:
+            raise TopologyError(f"parameter {param.name!r} is required: it has no default")
     seen: list[str] = []
     for role in topology.roles.values():
         where = f"role {role.name!r}"
@@ -251,8 +259,12 @@ def _check(topology: Topology) -> None:
                 raise TopologyError(f"{where} depends on {dep!r}, which is not an earlier role")
         if role.is_kvrelay and role.command[:1] != (ENTRYPOINT,):
             raise TopologyError(f"{where}: a kvrelay role's command starts with {ENTRYPOINT!r}")
-        texts = [*role.command, *topology.env_of(role, "cpu").values(),
-                 *topology.env_of(role, "gpu").values(), topology.image_of(role, "gpu")]
+        texts = [
+            *role.command,
+            *topology.env_of(role, "cpu").values(),
+            *topology.env_of(role, "gpu").values(),
+            topology.image_of(role, "gpu"),
+        ]
         if role.is_kvrelay:
             texts += list(topology.kvrelay_volumes.values())
         for text in texts:
@@ -269,8 +281,9 @@ def _check_placeholders(topology: Topology, role: Role, text: str, where: str) -
         if kind in ("addrs", "addr"):
             other = topology.role(arg)
             if kind == "addr" and (not other.singleton or other.scalable):
-                raise TopologyError(f"{where}: {{addr:{arg}}} needs a role with scalable = false"
-                                    " and count = 1")
+                raise TopologyError(
+                    f"{where}: {{addr:{arg}}} needs a role with scalable = false and count = 1"
+                )
             if other.name != role.name and other.name not in _all_dependencies(topology, role):
                 raise TopologyError(f"{where} refers to {arg!r} without depending on it")
         if kind == "param" and arg not in topology.params:

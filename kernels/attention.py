@@ -108,12 +108,20 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of new tokens over their sequences' paged K/V (new tokens included).
 
     q: [total_new, num_heads, head_dim]; k_cache/v_cache: one layer's
     [num_pages, page_size, num_kv_heads, head_dim]. Returns [total_new, num_heads, head_dim].
+    `window`: sliding-window length (a query sees its last `window` positions), or None.
     """
+    if window is not None and window < max(
+        s + n for s, n in zip(meta.start_pos, meta.num_new, strict=True)
+    ):
+        # The window changes the result only once a sequence outgrows it; the torch path is
+        # the one that masks it (fused backends take it when they come).
+        return torch_paged_attention(q, k_cache, v_cache, meta, scale, window)
     return _backend_for(q)(q, k_cache, v_cache, meta, scale)
 
 
@@ -125,14 +133,12 @@ def _backend_for(q: torch.Tensor) -> AttentionFn:
 
 
 def _cuda_backend() -> AttentionFn:
-    # ---- flashinfer backend slots in here -------------------------------------------
-    # Import lazily so CPU-only installs never need flashinfer. The module is expected to
-    # expose `flashinfer_paged_attention` with the same signature as paged_attention.
+    # Imported lazily (it imports flashinfer) so CPU-only installs never need flashinfer.
     try:
-        from kernels import flashinfer_attention  # type: ignore[attr-defined]
+        from kernels import flashinfer_attention
     except ImportError as exc:
         raise NotImplementedError(
-            "no CUDA attention backend yet (kernels/flashinfer_attention.py); "
+            "CUDA attention needs flashinfer (pip install 'kvrelay[cuda]'); "
             "set KVRELAY_ATTENTION_BACKEND=torch to use the reference on GPU"
         ) from exc
     fn: AttentionFn = flashinfer_attention.flashinfer_paged_attention

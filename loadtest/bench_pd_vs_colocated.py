@@ -61,9 +61,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def start_configuration(
-    mode: str, model_dir: Path, workdir: Path, chunk: int
-) -> tuple[list[ChildProcess], str]:
-    """Starts the workers and a gateway; returns them and the gateway's base URL."""
+    mode: str, model_dir: Path, workdir: Path, chunk: int, processes: list[ChildProcess]
+) -> str:
+    """Starts the workers and a gateway into `processes` (the caller stops them, also when a
+    start fails); returns the gateway's base URL."""
     common = [
         "--model-path",
         str(model_dir),
@@ -79,7 +80,6 @@ def start_configuration(
         "warning",
     ]
     taskset = shutil.which("taskset")
-    processes: list[ChildProcess] = []
     if mode == "pd":
         prefill_port, decode_port = free_port(), free_port()
         pin = (lambda core: [taskset, "-c", str(core)]) if taskset else (lambda core: [])
@@ -138,7 +138,7 @@ def start_configuration(
     processes.append(gateway)
     base_url = f"http://127.0.0.1:{gateway_port}"
     gateway.wait_ready(lambda: http_healthy(f"{base_url}/health"), timeout_s=120)
-    return processes, base_url
+    return base_url
 
 
 async def _stream_client(
@@ -237,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Measurements] = {}
     for mode in tqdm(["pd", "colocated"], desc="configurations"):
         with tempfile.TemporaryDirectory() as tmp:
-            processes, base_url = start_configuration(mode, model_dir, Path(tmp), args.chunk)
+            processes: list[ChildProcess] = []
             try:
+                base_url = start_configuration(mode, model_dir, Path(tmp), args.chunk, processes)
                 results[mode] = asyncio.run(run_load(base_url, args, prompt))
             finally:
                 for process in reversed(processes):

@@ -33,6 +33,16 @@ class WorkerConfig:
     num_threads: int | None = None     # torch intra-op threads
     redis_url: str | None = None
     served_model_name: str | None = None
+    metrics_port: int = 0              # /metrics over HTTP (0: not served)
+    enable_lora: bool = False          # serve LoRA adapters (implied by lora_paths)
+    lora_paths: list[str] = field(default_factory=list)  # "name=path" PEFT directories
+    max_loras_per_batch: int = 8       # distinct adapters in one forward (device slots)
+    max_lora_rank: int = 0             # largest adapter rank accepted (0: any)
+    enable_return_routed_experts: bool = False  # MoE: requests may ask for their experts
+    # gRPC callers must send it; derives the KV channel's CURVE keys. repr=False: never logged.
+    internal_token: str | None = field(default=None, repr=False)
+    drain_timeout_s: float = 8.0       # SIGTERM: longest wait for calls in flight to finish
+    kv_send_timeout_s: float = 3.0     # prefill: longest wait for a decode worker to take KV
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -10,7 +10,10 @@ the raw logits, then temperature, then the truncations):
    is divided by the penalty when positive, multiplied by it otherwise), then frequency
    (minus penalty x the token's count in the answer), then presence (minus penalty once
    if the token is in the answer). Frequency and presence count the answer only.
-4. `min_new_tokens`: the stop ids get -inf while fewer answer tokens than that exist.
+4. A grammar's mask (structured outputs, shared/grammar.py): every token the grammar does
+   not allow next gets -inf, so no draw and no argmax can pick one. Then `min_new_tokens`:
+   the stop ids get -inf while fewer answer tokens than that exist (unless the grammar
+   allows nothing else: its end comes first).
 5. Temperature 0 is greedy: the argmax of these logits (with none of 2-4 set, exactly the
    model's argmax). Otherwise: divided by the temperature, softmax, then
 6. top_k (the k most probable), then top_p (the smallest most-probable prefix whose mass,
@@ -22,6 +25,9 @@ the raw logits, then temperature, then the truncations):
 With a seed, the uniform for answer token k depends only on (seed, k), so the prefill
 worker (token 0) and the decode worker (tokens 1..) continue one reproducible stream, and
 a row's token does not depend on the other rows of its batch.
+
+`sample_tokens` also gives the `top_logprobs` most probable tokens of each row that asks,
+with their raw logprobs (as the chosen token's).
 """
 
 from __future__ import annotations
@@ -30,14 +36,19 @@ import hashlib
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from shared.grammar import GrammarSpec, TokenMask
+
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 MAX_OPENAI_PENALTY = 2.0  # OpenAI's range for frequency and presence penalties
+MAX_CHOICES = 128  # parallel sampling: choices (n) of one request
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 # Top-p without a full-vocabulary sort (100 ms for a batch of 32 x 49k on 2 cores): only
 # tokens at least this probable are sorted, when their mass already reaches top_p. Every
@@ -66,16 +77,27 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1: off
     min_new_tokens: int = 0  # stop ids are masked until this many answer tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    n: int = 1  # choices sampled from one prompt (parallel sampling)
+    top_logprobs: int = 0  # alternatives returned with each sampled token
+    grammar: GrammarSpec | None = None  # structured output: what the answer must match
+    return_routed_experts: bool = False  # MoE: send back each token's experts (SGLang's)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise ValueError(f"n must be in [1, {MAX_CHOICES}], got {self.n}")
         _check(self.temperature >= 0, "temperature must be >= 0", self.temperature)
         _check(0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p)
         _check(0 <= self.min_p <= 1, "min_p must be in [0, 1]", self.min_p)
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             _check(abs(value) <= MAX_OPENAI_PENALTY, f"{name} must be in [-2, 2]", value)
-        _check(self.repetition_penalty > 0, "repetition_penalty must be > 0",
-               self.repetition_penalty)
+        _check(
+            self.repetition_penalty > 0, "repetition_penalty must be > 0", self.repetition_penalty
+        )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -90,8 +112,22 @@ class SamplingParams:
             if token_id < 0 or token_id in seen:
                 raise ValueError(f"logit_bias: token id {token_id} is negative or repeated")
             seen.add(token_id)
-            _check(abs(bias) <= MAX_LOGIT_BIAS, f"logit_bias[{token_id}] must be in "
-                   "[-100, 100]", bias)
+            _check(
+                abs(bias) <= MAX_LOGIT_BIAS, f"logit_bias[{token_id}] must be in [-100, 100]", bias
+            )
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice `index` of a request with n choices.
+
+        Choice 0 keeps the request's seed, so it answers as the same request with n = 1;
+        the others get seeds derived from it, so a seeded request stays reproducible while
+        its choices differ.
+        """
+        seed = self.seed
+        if index and seed is not None:
+            digest = hashlib.blake2b(f"{seed}/choice{index}".encode(), digest_size=8).digest()
+            seed = int.from_bytes(digest, "little") & (2**63 - 1)
+        return replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:
@@ -135,31 +171,65 @@ def draw_seed(seed: int, output_index: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+# The most probable tokens of one row and their logprobs, most probable first.
+TopLogprobs = tuple[tuple[int, ...], tuple[float, ...]]
+
+
+class Sampled(NamedTuple):
+    token_ids: list[int]
+    logprobs: list[float]  # of each chosen token, raw
+    top_logprobs: list[TopLogprobs]  # per row: its top_logprobs best tokens (empty if 0)
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     output_index: Sequence[int],
     *,
     histories: Sequence[TokenHistory] | None = None,
+    mask: TokenMask | None = None,
 ) -> tuple[list[int], list[float]]:
     """Pick one token per row of `logits` [batch, vocab].
 
     `output_index[i]` is the index of the answer token being sampled for row i (0 for the
     first, which prefill samples), i.e. the number of answer tokens so far. `histories`
-    is needed when a row asks for a penalty.
+    is needed when a row asks for a penalty; `mask` holds the grammar masks of the rows
+    that have one.
 
     Returns the token ids and each chosen token's logprob under the unmodified
-    log_softmax (before logit_bias, penalties, temperature and truncation).
+    log_softmax (before logit_bias, penalties, masks, temperature and truncation).
     """
+    tokens, logprobs, _ = sample_tokens(
+        logits, params, output_index, histories=histories, mask=mask
+    )
+    return tokens, logprobs
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    output_index: Sequence[int],
+    *,
+    histories: Sequence[TokenHistory] | None = None,
+    mask: TokenMask | None = None,
+) -> Sampled:
+    """`sample`, plus each row's `top_logprobs` most probable tokens under the raw
+    log_softmax (the distribution its chosen token's logprob is taken from)."""
     raw = _as_cpu_float(logits, params, output_index, histories)
     work = _scratch(raw)  # the processed logits, then the row weights
-    processed = _processed_into(raw, work, params, output_index, histories)
+    processed = _processed_into(raw, work, params, output_index, histories, mask)
     tokens: list[int] = processed.argmax(dim=-1).tolist()
     for i, weights, ids in _truncated_rows(processed, params, work):
         choice = _inverse_cdf(weights, _uniform(params[i].seed, output_index[i]))
         tokens[i] = choice if ids is None else int(ids[choice])
     chosen = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
-    return tokens, torch.log_softmax(raw, dim=-1).gather(1, chosen).squeeze(1).tolist()
+    log_probs = torch.log_softmax(raw, dim=-1)
+    top: list[TopLogprobs] = [((), ())] * len(params)
+    for i, p in enumerate(params):
+        if p.top_logprobs:
+            values, ids = torch.topk(log_probs[i], min(p.top_logprobs, raw.shape[1]))
+            top[i] = (tuple(ids.tolist()), tuple(values.tolist()))
+    return Sampled(tokens, log_probs.gather(1, chosen).squeeze(1).tolist(), top)
 
 
 def token_distribution(
@@ -168,6 +238,7 @@ def token_distribution(
     output_index: Sequence[int],
     *,
     histories: Sequence[TokenHistory] | None = None,
+    mask: TokenMask | None = None,
 ) -> torch.Tensor:
     """The exact distribution `sample` draws each row from: float64 [batch, vocab].
 
@@ -175,7 +246,7 @@ def token_distribution(
     build it.
     """
     raw = _as_cpu_float(logits, params, output_index, histories)
-    processed = _processed_into(raw, torch.empty_like(raw), params, output_index, histories)
+    processed = _processed_into(raw, torch.empty_like(raw), params, output_index, histories, mask)
     out = torch.zeros(processed.shape, dtype=torch.float64)
     out[torch.arange(len(params)), processed.argmax(dim=-1)] = 1.0
     for i, weights, ids in _truncated_rows(processed, params, torch.empty_like(raw)):
@@ -194,11 +265,13 @@ def processed_logits(
     output_index: Sequence[int],
     *,
     histories: Sequence[TokenHistory] | None = None,
+    mask: TokenMask | None = None,
 ) -> torch.Tensor:
-    """Steps 2-4 of the module docstring (logit_bias, penalties, min_new_tokens) on a copy
-    of the logits, as float32 [batch, vocab] on the CPU."""
+    """Steps 2-4 of the module docstring (logit_bias, penalties, masks, min_new_tokens) on
+    a copy of the logits, as float32 [batch, vocab] on the CPU."""
     raw = _as_cpu_float(logits, params, output_index, histories)
-    return _processed_into(raw, torch.empty_like(raw), params, output_index, histories).clone()
+    empty = torch.empty_like(raw)
+    return _processed_into(raw, empty, params, output_index, histories, mask).clone()
 
 
 _scratch_buffers = threading.local()
@@ -223,21 +296,37 @@ def _processed_into(
     params: Sequence[SamplingParams],
     output_index: Sequence[int],
     histories: Sequence[TokenHistory] | None,
+    mask: TokenMask | None = None,
 ) -> torch.Tensor:
     """`raw` itself when no row asks for steps 2-4, else `work` holding the result."""
     masking = [
         i for i, p in enumerate(params) if p.stop_token_ids and output_index[i] < p.min_new_tokens
     ]
-    if not (masking or any(p.logit_bias or p.needs_history for p in params)):
+    if not (masking or mask is not None or any(p.logit_bias or p.needs_history for p in params)):
         return raw
     work.copy_(raw)
     _add_logit_bias(work, params)
     _apply_penalties(work, params, histories)
     vocab = work.shape[1]
+    if mask is not None:
+        _apply_mask(work, mask)
     for i in masking:
         ids = [t for t in params[i].stop_token_ids if t < vocab]
+        kept = work[i, ids].clone()
         work[i, ids] = -math.inf
+        if mask is not None and i in mask.rows and not bool(work[i].isfinite().any()):
+            work[i, ids] = kept  # the grammar allows only its end: min_tokens gives way
     return work
+
+
+def _apply_mask(work: torch.Tensor, mask: TokenMask) -> None:
+    """-inf for every token a masked row may not take."""
+    if mask.bits.shape[0] != len(mask.rows) or (mask.rows and max(mask.rows) >= work.shape[0]):
+        raise ValueError("the token mask does not fit the batch")
+    rows = torch.tensor(mask.rows, dtype=torch.long)
+    masked = work.index_select(0, rows)
+    masked.masked_fill_(~mask.allowed(work.shape[1]), -math.inf)
+    work.index_copy_(0, rows, masked)
 
 
 def _as_cpu_float(
@@ -260,8 +349,9 @@ def _add_logit_bias(out: torch.Tensor, params: Sequence[SamplingParams]) -> None
         return
     cols = [t for p in params for t, _ in p.logit_bias]
     if max(cols) >= out.shape[1]:
-        raise ValueError(f"logit_bias token id {max(cols)} is outside the vocabulary "
-                         f"of {out.shape[1]} tokens")
+        raise ValueError(
+            f"logit_bias token id {max(cols)} is outside the vocabulary of {out.shape[1]} tokens"
+        )
     bias = torch.tensor([b for p in params for _, b in p.logit_bias], dtype=torch.float32)
     out.index_put_((torch.tensor(rows), torch.tensor(cols)), bias, accumulate=True)
 
@@ -437,8 +527,11 @@ def _inverse_cdf(weights: torch.Tensor, u: float) -> int:
     """
     n = weights.shape[0]
     if n <= _CDF_BLOCK:  # a top-k or nucleus: one level is enough
-        return _first_above(torch.cumsum(weights, dim=0, dtype=torch.float64), weights,
-                            u * float(weights.sum(dtype=torch.float64)))
+        return _first_above(
+            torch.cumsum(weights, dim=0, dtype=torch.float64),
+            weights,
+            u * float(weights.sum(dtype=torch.float64)),
+        )
     full = n - n % _CDF_BLOCK
     sums = weights[:full].view(-1, _CDF_BLOCK).sum(dim=1)
     if full < n:

@@ -2,6 +2,7 @@
 
     python -m deploy.multihost.client health URL --prefill 2 --decode 2 --timeout-s 60
     python -m deploy.multihost.client load URL --requests 8 --concurrency 4 ...
+    python -m deploy.multihost.client tokenless HOST:PORT --role prefill
 
 `load` streams /v1/completions with token-id prompts (exact lengths, no tokenizer needed)
 and prints one JSON line per finished request, then a summary line: the orchestrator reads
@@ -18,6 +19,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import httpx
 
@@ -40,8 +42,9 @@ def _prompt(seed: int, length: int) -> list[int]:
     return [rng.randrange(1000, 40000) for _ in range(length)]
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, index: int,
-               args: argparse.Namespace) -> RequestResult:
+async def _one(
+    client: httpx.AsyncClient, url: str, model: str, index: int, args: argparse.Namespace
+) -> RequestResult:
     body = {
         "model": model,
         "prompt": _prompt(args.seed * 100003 + index, args.prompt_tokens),
@@ -58,29 +61,51 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, index: int,
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 error = json.loads(await response.aread()).get("error", {})
-                return RequestResult(index, False, response.status_code,
-                                     str(error.get("type")), str(error.get("message")), 0,
-                                     None, time.monotonic() - started)
+                return RequestResult(
+                    index,
+                    False,
+                    response.status_code,
+                    str(error.get("type")),
+                    str(error.get("message")),
+                    0,
+                    None,
+                    time.monotonic() - started,
+                )
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
                     error = chunk["error"]
-                    return RequestResult(index, False, 200, str(error.get("type")),
-                                         str(error.get("message")), tokens, ttft,
-                                         time.monotonic() - started)
+                    return RequestResult(
+                        index,
+                        False,
+                        200,
+                        str(error.get("type")),
+                        str(error.get("message")),
+                        tokens,
+                        ttft,
+                        time.monotonic() - started,
+                    )
                 if chunk.get("usage"):
                     tokens = int(chunk["usage"]["completion_tokens"])
                 if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
                     ttft = time.monotonic() - started
     except httpx.HTTPError as exc:
-        return RequestResult(index, False, 0, type(exc).__name__, str(exc), tokens, ttft,
-                             time.monotonic() - started)
+        return RequestResult(
+            index, False, 0, type(exc).__name__, str(exc), tokens, ttft, time.monotonic() - started
+        )
     ok = tokens == args.max_tokens
-    return RequestResult(index, ok, 200, "" if ok else "short",
-                         "" if ok else f"{tokens} of {args.max_tokens} tokens", tokens, ttft,
-                         time.monotonic() - started)
+    return RequestResult(
+        index,
+        ok,
+        200,
+        "" if ok else "short",
+        "" if ok else f"{tokens} of {args.max_tokens} tokens",
+        tokens,
+        ttft,
+        time.monotonic() - started,
+    )
 
 
 async def _load(args: argparse.Namespace) -> int:
@@ -98,8 +123,9 @@ async def _load(args: argparse.Namespace) -> int:
 
         # Bounded in time: the summary counts what did not finish.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(run(i) for i in range(args.requests))),
-                                   args.timeout_s)
+            await asyncio.wait_for(
+                asyncio.gather(*(run(i) for i in range(args.requests))), args.timeout_s
+            )
     summary = {
         "requests": args.requests,
         "ok": sum(r.ok for r in results),
@@ -121,16 +147,39 @@ async def _health(args: argparse.Namespace) -> int:
                 body = {}
             prefill = body.get("prefill", {})
             decode = body.get("decode", {})
-            healthy_prefill = sum(bool(v) for v in prefill.values()) if isinstance(
-                prefill, dict) else 0
-            healthy_decode = sum(bool(v) for v in decode.values()) if isinstance(
-                decode, dict) else 0
+            healthy_prefill = (
+                sum(bool(v) for v in prefill.values()) if isinstance(prefill, dict) else 0
+            )
+            healthy_decode = (
+                sum(bool(v) for v in decode.values()) if isinstance(decode, dict) else 0
+            )
             if healthy_prefill == args.prefill and healthy_decode == args.decode:
                 print(json.dumps(body), flush=True)
                 return 0
             await asyncio.sleep(0.5)
     print(json.dumps(body), flush=True)
     return 1
+
+
+def _tokenless(args: argparse.Namespace) -> int:
+    """GetInfo on a worker without the internal token; prints the gRPC status it ends with."""
+    import grpc
+
+    from shared.rpc import kvrelay_pb2, kvrelay_pb2_grpc
+
+    with grpc.insecure_channel(args.addr) as channel:
+        stub: Any = (
+            kvrelay_pb2_grpc.PrefillWorkerStub
+            if args.role == "prefill"
+            else kvrelay_pb2_grpc.DecodeWorkerStub
+        )(channel)
+        try:
+            stub.GetInfo(kvrelay_pb2.WorkerInfoRequest(), timeout=args.timeout_s)
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = exc.code().name
+    print(json.dumps({"addr": args.addr, "code": code}), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--max-tokens", type=int, default=16)
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--timeout-s", type=float, default=60.0)
+    tokenless = commands.add_parser("tokenless", help="a worker call without the internal token")
+    tokenless.add_argument("addr")
+    tokenless.add_argument("--role", choices=["prefill", "decode"], required=True)
+    tokenless.add_argument("--timeout-s", type=float, default=10.0)
     args = parser.parse_args(argv)
+    if args.command == "tokenless":
+        return _tokenless(args)
     return asyncio.run(_health(args) if args.command == "health" else _load(args))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -61,6 +62,8 @@ class Report:
     relay_traffic: dict[str, dict[str, int]] = field(default_factory=dict)  # host -> rx/tx
     health: dict[str, Any] = field(default_factory=dict)  # gateway /health after each fault
     addresses: dict[str, str] = field(default_factory=dict)  # instance -> its service's host:port
+    # instance -> the gRPC status of a call from the client host without the internal token
+    tokenless_calls: dict[str, str] = field(default_factory=dict)
     startup_s: float = 0.0
 
     @property
@@ -76,6 +79,7 @@ class Report:
             "relay_traffic": self.relay_traffic,
             "health": self.health,
             "addresses": self.addresses,
+            "tokenless_calls": self.tokenless_calls,
             "startup_s": self.startup_s,
             "phases": {name: {**asdict(p), "ok": p.ok} for name, p in self.phases.items()},
         }
@@ -150,9 +154,9 @@ class MultiHostScenario:
             "kv_cache_mb": "64",
             "torch_threads": "1",  # seven processes share this machine's cores
             "log_level": "info",
+            "internal_token": secrets.token_hex(16),  # one per run, as a deployer would
         }
-        self.cluster = MultiHostCluster(self.topology, self.network, params,
-                                        self.workdir / "logs")
+        self.cluster = MultiHostCluster(self.topology, self.network, params, self.workdir / "logs")
         for role in self.topology.roles.values():
             port = self.cluster.resolver.port(role, role.name, role.service)
             for instance in role.instances():
@@ -161,6 +165,21 @@ class MultiHostScenario:
         self.cluster.start()
         self._wait_health(prefill=2, decode=2)
         self.report.startup_s = time.monotonic() - started
+        self._call_without_token()
+
+    def _call_without_token(self) -> None:
+        """A worker call from the client host, which lacks the token: the workers refuse it."""
+        for instance in ("prefill-0", "decode-0"):
+            argv = self._client_argv(
+                "tokenless", self.report.addresses[instance], "--role", instance.split("-")[0]
+            )
+            result = subprocess.run(
+                argv, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=_runner_env()
+            )
+            lines = result.stdout.strip().splitlines()
+            if result.returncode != 0 or not lines:
+                raise AssertionError(f"tokenless call to {instance} failed: {result.stderr}")
+            self.report.tokenless_calls[instance] = str(json.loads(lines[-1])["code"])
 
     def _relay(self) -> None:
         assert self.network is not None
@@ -169,9 +188,7 @@ class MultiHostScenario:
         before = {h.name: self.network.counters(h) for h in hosts}
         self._load("relay")
         after = {h.name: self.network.counters(h) for h in hosts}
-        self.report.relay_traffic = {
-            name: _delta(before[name], after[name]) for name in before
-        }
+        self.report.relay_traffic = {name: _delta(before[name], after[name]) for name in before}
 
     def _cut(self) -> None:
         assert self.network is not None
@@ -209,30 +226,56 @@ class MultiHostScenario:
         return self.cluster.url("gateway", "http")
 
     def _wait_health(self, *, prefill: int, decode: int) -> dict[str, Any]:
-        argv = self._client_argv("health", self._gateway_url(), "--prefill", str(prefill),
-                                 "--decode", str(decode), "--timeout-s", "60")
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=90,
-                                cwd=REPO_ROOT, env=_runner_env())
+        argv = self._client_argv(
+            "health",
+            self._gateway_url(),
+            "--prefill",
+            str(prefill),
+            "--decode",
+            str(decode),
+            "--timeout-s",
+            "60",
+        )
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=90, cwd=REPO_ROOT, env=_runner_env()
+        )
         body: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1] or "{}")
         if result.returncode != 0:
             raise AssertionError(
                 f"the gateway never showed {prefill} prefill and {decode} decode workers "
-                f"healthy; last /health: {body} {result.stderr[-2000:]}")
+                f"healthy; last /health: {body} {result.stderr[-2000:]}"
+            )
         return body
 
     def _load(self, name: str, on_result: Callable[[int], None] | None = None) -> Phase:
         spec = PHASES[name]
         argv = self._client_argv(
-            "load", self._gateway_url(), "--requests", str(spec.requests),
-            "--concurrency", str(spec.concurrency), "--prompt-tokens", str(spec.prompt_tokens),
-            "--max-tokens", str(spec.max_tokens), "--seed", str(spec.seed),
-            "--timeout-s", str(self.request_timeout_s),
+            "load",
+            self._gateway_url(),
+            "--requests",
+            str(spec.requests),
+            "--concurrency",
+            str(spec.concurrency),
+            "--prompt-tokens",
+            str(spec.prompt_tokens),
+            "--max-tokens",
+            str(spec.max_tokens),
+            "--seed",
+            str(spec.seed),
+            "--timeout-s",
+            str(self.request_timeout_s),
         )
         started = time.monotonic()
         results: list[dict[str, Any]] = []
         summary: dict[str, int] = {}
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=REPO_ROOT, env=_runner_env()) as client:
+        with subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env=_runner_env(),
+        ) as client:
             assert client.stdout is not None
             try:
                 for line in client.stdout:  # the client bounds itself by --timeout-s
@@ -265,8 +308,10 @@ def kv_bytes_per_token(model_dir: Path, dtype_bytes: int = 4) -> int:
 
 
 def _delta(before: LinkCounters, after: LinkCounters) -> dict[str, int]:
-    return {"rx_bytes": after.rx_bytes - before.rx_bytes,
-            "tx_bytes": after.tx_bytes - before.tx_bytes}
+    return {
+        "rx_bytes": after.rx_bytes - before.rx_bytes,
+        "tx_bytes": after.tx_bytes - before.tx_bytes,
+    }
 
 
 def _runner_env() -> dict[str, str]:

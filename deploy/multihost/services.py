@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.multihost.netns import Host, Network
-from deploy.topology import ENTRYPOINT, HEALTHCHECK_PROGRAM, Param, Role, Topology, expand
+from deploy.topology import (
+    ENTRYPOINT,
+    HEALTHCHECK_PROGRAM,
+    Param,
+    Role,
+    Topology,
+    TopologyError,
+    expand,
+)
 from services.processes import ChildProcess, ChildProcessError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +53,10 @@ class NetnsResolver:
         return ",".join(f"{self.network.hosts[i].address}:{port}" for i in role.instances())
 
     def param(self, param: Param) -> str:
-        return self.params.get(param.name, param.default)
+        value = self.params.get(param.name, param.default)
+        if param.required and not value:
+            raise TopologyError(f"the run sets no {param.name} (required)")
+        return value
 
 
 def local_program(argv: list[str]) -> list[str]:
@@ -71,8 +82,11 @@ class Service:
 
     def healthy(self) -> bool:
         result = subprocess.run(
-            self.host.exec_argv(self.health_argv), capture_output=True, timeout=30,
-            env={**os.environ, **child_env({})}, cwd=REPO_ROOT,
+            self.host.exec_argv(self.health_argv),
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, **child_env({})},
+            cwd=REPO_ROOT,
         )
         return result.returncode == 0
 
@@ -99,8 +113,10 @@ class MultiHostCluster:
         return [expand(a, self.topology, role, instance, self.resolver) for a in role.command]
 
     def environment(self, role: Role, instance: str) -> dict[str, str]:
-        return {k: expand(v, self.topology, role, instance, self.resolver)
-                for k, v in self.topology.env_of(role, "cpu").items()}
+        return {
+            k: expand(v, self.topology, role, instance, self.resolver)
+            for k, v in self.topology.env_of(role, "cpu").items()
+        }
 
     def url(self, role_name: str, port: str) -> str:
         role = self.topology.role(role_name)
@@ -115,8 +131,9 @@ class MultiHostCluster:
         pending = list(self.topology.roles.values())
         while pending:
             ready = [role for role in pending if set(role.depends_on) <= healthy]
-            started = [self._start_one(role, instance)
-                       for role in ready for instance in role.instances()]
+            started = [
+                self._start_one(role, instance) for role in ready for instance in role.instances()
+            ]
             self._wait_healthy(started, deadline)
             healthy.update(role.name for role in ready)
             pending = [role for role in pending if role not in ready]
@@ -127,8 +144,9 @@ class MultiHostCluster:
         argv = host.exec_argv(local_program(self.command(role, instance)))
         process = ChildProcess(instance, argv, env, log_path=self.log_dir / f"{instance}.log")
         health_port = str(role.ports[role.health.port] + PORT_OFFSET)
-        service = Service(role, instance, host, process,
-                          local_program(role.health.command(health_port)))
+        service = Service(
+            role, instance, host, process, local_program(role.health.command(health_port))
+        )
         self.services[instance] = service
         process.start()
         return service
@@ -141,7 +159,8 @@ class MultiHostCluster:
                 if not service.process.alive():
                     raise ChildProcessError(
                         f"{service.instance} exited with code {service.process.returncode()}"
-                        f" (log: {service.process.log_path})")
+                        f" (log: {service.process.log_path})"
+                    )
             pending = [service for service in pending if not service.healthy()]
             if pending and time.monotonic() > deadline:
                 names = ", ".join(service.instance for service in pending)
@@ -165,7 +184,7 @@ class MultiHostCluster:
         for service in self.services.values():
             path = service.process.log_path
             if path is not None and path.exists():
-                parts.append(f"--- {service.instance} ---\n"
-                             f"{path.read_text(errors='replace')[-tail_chars:]}")
+                parts.append(
+                    f"--- {service.instance} ---\n{path.read_text(errors='replace')[-tail_chars:]}"
+                )
         return "\n".join(parts)
-

@@ -1,7 +1,8 @@
 # Rendered by `python -m deploy.render` from deploy/services.toml: edit that, not this.
 # Needs: Nomad >= 1.5 with the docker driver, host volumes "kvrelay-cache" and
-# "kvrelay-models" on every client, the NVIDIA device plugin, and the secrets variable
-# (it may hold an empty api_key):  nomad var put nomad/jobs/kvrelay api_key=...
+# "kvrelay-models" on every client, the NVIDIA device plugin, and the secrets variable with every key
+# (api_key: may be empty; a task fails to start while a key is missing):
+#   nomad var put nomad/jobs/kvrelay api_key=... internal_token=...
 # Run:   nomad job run -var image=REGISTRY/kvrelay:cpu -var cuda_image=REGISTRY/kvrelay:cuda kvrelay-gpu.nomad.hcl
 
 variable "image" {
@@ -44,6 +45,24 @@ variable "log_level" {
   type        = string
   default     = "info"
   description = "debug, info, warning or error"
+}
+
+variable "kv_transport" {
+  type        = string
+  default     = "zmq"
+  description = "how KV goes from prefill to decode: zmq or nixl (the same on every worker)"
+}
+
+variable "tool_call_parser" {
+  type        = string
+  default     = ""
+  description = "hermes, qwen25 or llama3 (empty: read off the chat template)"
+}
+
+variable "reasoning_parser" {
+  type        = string
+  default     = ""
+  description = "deepseek-r1 or qwen3: <think> blocks as reasoning_content (empty: none)"
 }
 
 variable "prefill_count" {
@@ -225,17 +244,20 @@ job "kvrelay" {
         KVRELAY_METRICS_PORT   = "${NOMAD_PORT_metrics}"
         KVRELAY_KV_CACHE_MB    = var.kv_cache_mb
         KVRELAY_NUM_THREADS    = var.torch_threads
+        KVRELAY_KV_TRANSPORT   = var.kv_transport
         KVRELAY_DTYPE          = "bfloat16"
       }
 
       template {
         # Addresses from Nomad's registry and secrets: a change restarts the task.
-        data        = <<-EOT
+        data                 = <<-EOT
           KVRELAY_REDIS_URL=redis://{{ range $i, $s := nomadService "kvrelay-redis" }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}/0
+          KVRELAY_INTERNAL_TOKEN={{ with nomadVar "nomad/jobs/kvrelay" }}{{ .internal_token }}{{ end }}
         EOT
-        destination = "secrets/discovered.env"
-        env         = true
-        change_mode = "restart"
+        destination          = "secrets/discovered.env"
+        env                  = true
+        change_mode          = "restart"
+        error_on_missing_key = true
       }
 
       volume_mount {
@@ -345,17 +367,20 @@ job "kvrelay" {
         KVRELAY_METRICS_PORT   = "${NOMAD_PORT_metrics}"
         KVRELAY_KV_CACHE_MB    = var.kv_cache_mb
         KVRELAY_NUM_THREADS    = var.torch_threads
+        KVRELAY_KV_TRANSPORT   = var.kv_transport
         KVRELAY_DTYPE          = "bfloat16"
       }
 
       template {
         # Addresses from Nomad's registry and secrets: a change restarts the task.
-        data        = <<-EOT
+        data                 = <<-EOT
           KVRELAY_REDIS_URL=redis://{{ range $i, $s := nomadService "kvrelay-redis" }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}/0
+          KVRELAY_INTERNAL_TOKEN={{ with nomadVar "nomad/jobs/kvrelay" }}{{ .internal_token }}{{ end }}
         EOT
-        destination = "secrets/discovered.env"
-        env         = true
-        change_mode = "restart"
+        destination          = "secrets/discovered.env"
+        env                  = true
+        change_mode          = "restart"
+        error_on_missing_key = true
       }
 
       volume_mount {
@@ -453,25 +478,29 @@ job "kvrelay" {
       }
 
       env {
-        KVRELAY_HOST       = "0.0.0.0"
-        KVRELAY_MODEL_PATH = var.model_path
-        KVRELAY_LOG_LEVEL  = var.log_level
-        KVRELAY_CACHE_DIR  = var.cache_dir
-        HF_HOME            = "${var.cache_dir}/hf"
-        KVRELAY_PORT       = "${NOMAD_PORT_http}"
+        KVRELAY_HOST             = "0.0.0.0"
+        KVRELAY_MODEL_PATH       = var.model_path
+        KVRELAY_LOG_LEVEL        = var.log_level
+        KVRELAY_CACHE_DIR        = var.cache_dir
+        HF_HOME                  = "${var.cache_dir}/hf"
+        KVRELAY_PORT             = "${NOMAD_PORT_http}"
+        KVRELAY_TOOL_CALL_PARSER = var.tool_call_parser
+        KVRELAY_REASONING_PARSER = var.reasoning_parser
       }
 
       template {
         # Addresses from Nomad's registry and secrets: a change restarts the task.
-        data        = <<-EOT
+        data                 = <<-EOT
           KVRELAY_REDIS_URL=redis://{{ range $i, $s := nomadService "kvrelay-redis" }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}/0
+          KVRELAY_INTERNAL_TOKEN={{ with nomadVar "nomad/jobs/kvrelay" }}{{ .internal_token }}{{ end }}
           KVRELAY_PREFILL_ADDRS={{ range $i, $s := nomadService "kvrelay-prefill" }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}
           KVRELAY_DECODE_ADDRS={{ range $i, $s := nomadService "kvrelay-decode" }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}
           KVRELAY_API_KEY={{ with nomadVar "nomad/jobs/kvrelay" }}{{ .api_key }}{{ end }}
         EOT
-        destination = "secrets/discovered.env"
-        env         = true
-        change_mode = "restart"
+        destination          = "secrets/discovered.env"
+        env                  = true
+        change_mode          = "restart"
+        error_on_missing_key = true
       }
 
       volume_mount {

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway.protocol import ErrorResponse
+
 logger = logging.getLogger("kvrelay.gateway")
 
 INVALID_REQUEST = "invalid_request_error"
@@ -136,7 +138,46 @@ def _format_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
     return "; ".join(parts[:5]) or "invalid request", first_param
 
 
+# The error answers of the API routes, for /openapi.json.
+OPENAPI_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "Invalid request: not JSON, a wrong type, a value out of range, "
+        "an unsupported option, a prompt longer than the context",
+    },
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key (--api-key)"},
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Body larger than --max-request-body-bytes"},
+    503: {
+        "model": ErrorResponse,
+        "description": "No worker could take the request now (see Retry-After)",
+    },
+}
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every body it validates; this API answers 400 instead."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # cached by FastAPI as app.openapi_schema: edited in place
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if isinstance(operation, dict):
+                    operation.get("responses", {}).pop("422", None)
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _document_400_not_422(app)
+
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
         _log_rejection(request, exc)

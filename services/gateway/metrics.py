@@ -6,9 +6,15 @@ apps in one process, and each must count only its own requests.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from services.gateway.routing.policies import POLICIES
+from services.gateway.worker_clients import WorkerPool
+from shared.observability.request_metrics import RequestMetrics
 
 
 class GatewayMetrics:
@@ -57,6 +63,32 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        # Requests by status, TTFT/TPOT/ITL/E2E, tokens, retries (recorded per HTTP request).
+        self.requests = RequestMetrics(self.registry)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU...
+
+    def watch_pool(self, pool: WorkerPool) -> None:
+        """Each worker's health as this gateway sees it, read at scrape time."""
+        self.registry.register(_WorkerHealthCollector(pool))
+
     def show_policy(self, active: str) -> None:
         for policy in POLICIES:
             self.router_policy.labels(policy=policy).set(1 if policy == active else 0)
+
+
+class _WorkerHealthCollector(Collector):
+    """1 while the gateway routes to a worker, 0 while it counts it as failed (its circuit is
+    open: no requests until a health check or STALE_HEALTH_S lets it be tried again)."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "kvrelay_gateway_worker_healthy",
+            "1 while the gateway counts the worker healthy, 0 while it routes around it",
+            labels=["role", "address"],
+        )
+        for worker in self.pool.workers:
+            family.add_metric([worker.role, worker.addr], 1 if worker.healthy else 0)
+        yield family

@@ -88,6 +88,7 @@ class Router(Protocol):
         needs_decode: bool,
         cache_salt: str | None = None,
         exclude: Collection[WorkerClient] = (),
+        lora: str | None = None,  # the LoRA adapter's key: it enters the block hashes
     ) -> Route: ...
 
 
@@ -122,12 +123,15 @@ class PolicyRouter:
         self._unindexed_logged = False
         metrics.show_policy(policy.name)
 
-    def hashes(self, prompt_token_ids: Sequence[int], cache_salt: str | None) -> RouteQuery:
+    def hashes(
+        self, prompt_token_ids: Sequence[int], cache_salt: str | None, lora: str | None = None
+    ) -> RouteQuery:
         block_size = self.directory.block_size()
         hashes = block_hashes(
             prompt_token_ids,
             block_size,
             model=self.directory.model_name(self.model_name),
+            lora=lora,
             cache_salt=cache_salt,
         )
         return RouteQuery(len(prompt_token_ids), hashes, block_size)
@@ -139,10 +143,11 @@ class PolicyRouter:
         needs_decode: bool,
         cache_salt: str | None = None,
         exclude: Collection[WorkerClient] = (),
+        lora: str | None = None,
     ) -> Route:
         prefill_views = _candidates(self.directory.prefill, exclude, "prefill")
         decode_views = _candidates(self.directory.decode, exclude, "decode") if needs_decode else []
-        query = self.hashes(prompt_token_ids, cache_salt)
+        query = self.hashes(prompt_token_ids, cache_salt, lora)
         choice = await self._choose_prefill(prefill_views, query)
         decode = self._choose_decode(decode_views, query) if needs_decode else None
         return self._lease(choice, decode, query)

@@ -13,38 +13,62 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from services.gateway.errors import APIError, not_supported
+from services.gateway.errors import APIError, bad_request
+from services.gateway.fallback import Fallback
 from services.gateway.generate import Finished, GenerationEvent, TextDelta
+from services.gateway.logprobs import TokenLogprob
 from services.gateway.protocol import SamplingFields, UsageInfo
 from services.gateway.sse import SSE_HEADERS, ChunkFormatter, event_stream, usage_info
+from services.gateway.state import get_state
 
 logger = logging.getLogger("kvrelay.gateway")
 
 
 def reject_unsupported_sampling(body: SamplingFields) -> None:
-    if body.n is not None and body.n > 1:
-        raise not_supported(f"n={body.n} (several choices per request)", "n")
+    if body.stream_options is not None and not body.stream:
+        # As OpenAI's API: options of a stream make no sense without one.
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+
+@dataclass(frozen=True)
+class CollectedChoice:
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # when the request asked for them
+    routed_experts: str | None = None  # with return_routed_experts
 
 
 @dataclass(frozen=True)
 class Collected:
-    text: str
-    finish_reason: str
+    choices: list[CollectedChoice]  # by index
     usage: UsageInfo
 
 
 async def _collect(events: AsyncGenerator[GenerationEvent, None]) -> Collected:
-    parts: list[str] = []
-    finished: Finished | None = None
+    parts: dict[int, list[str]] = {}
+    logprobs: dict[int, list[TokenLogprob]] = {}
+    finished: dict[int, Finished] = {}
     async with aclosing(events):
         async for event in events:
             if isinstance(event, TextDelta):
-                parts.append(event.text)
+                parts.setdefault(event.index, []).append(event.text)
+                logprobs.setdefault(event.index, []).extend(event.logprobs)
             else:
-                finished = event
-    if finished is None:
+                finished[event.index] = event
+    if not finished:
         raise APIError(500, "generation ended without finishing")
-    return Collected("".join(parts), finished.finish_reason, usage_info(finished))
+    choices = [
+        CollectedChoice(
+            i,
+            "".join(parts.get(i, [])),
+            finished[i].finish_reason,
+            tuple(logprobs.get(i, ())),
+            finished[i].routed_experts,
+        )
+        for i in sorted(finished)
+    ]
+    return Collected(choices, usage_info(list(finished.values())))
 
 
 class ClientGone(Exception):
@@ -96,6 +120,14 @@ async def respond(
     build_response: Callable[[Collected], BaseModel],
 ) -> Response:
     """An SSE stream of the generation, or its whole answer as one JSON body."""
+    fallback: Fallback | None = getattr(request.app.state, "fallback", None)
+    if fallback is not None:
+        # Failing over is possible until the first output: wait for it before answering.
+        ready = get_state(request).pool.report().ready
+        outcome = await fallback.first_or_forward(request, events, pairs_ready=ready)
+        if isinstance(outcome, Response):
+            return outcome
+        events = outcome
     if stream:
         return StreamingResponse(
             event_stream(events, fmt, include_usage=include_usage, request_id=request_id),

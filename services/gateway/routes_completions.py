@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from services.gateway.errors import not_supported
+from services.gateway.errors import OPENAPI_ERRORS, not_supported
+from services.gateway.logprobs import (
+    CompletionLogprobBuilder,
+    TokenBytes,
+    TokenLogprob,
+    token_bytes_for,
+)
 from services.gateway.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -27,10 +34,9 @@ router = APIRouter()
 
 def _reject_unsupported(body: CompletionRequest) -> None:
     reject_unsupported_sampling(body)
-    if body.logprobs is not None:
-        raise not_supported("logprobs", "logprobs")
-    if body.echo:
-        raise not_supported("echo", "echo")
+    if body.echo and body.logprobs is not None:
+        # The prompt's own logprobs would need every position's logits from prefill.
+        raise not_supported("echo together with logprobs", "echo")
     if body.suffix:
         raise not_supported("suffix", "suffix")
     if body.best_of is not None and body.best_of > 1:
@@ -56,11 +62,25 @@ def _prompt_token_ids(state: GatewayState, body: CompletionRequest) -> list[int]
 
 
 class _CompletionChunks:
-    def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        *,
+        n: int = 1,
+        echo: str = "",  # the prompt's text, sent first in each choice
+        token_bytes: TokenBytes | None = None,  # set when the request asked for logprobs
+    ) -> None:
         self._id = request_id
         self._created = created
         self._model = model
         self._include_usage = include_usage
+        self._n = n
+        self._echo = echo
+        self._token_bytes = token_bytes
+        self._logprobs: dict[int, CompletionLogprobBuilder] = {}
 
     def _chunk(
         self, choices: list[CompletionChoice], usage: UsageInfo | None = None
@@ -73,19 +93,34 @@ class _CompletionChunks:
         return data
 
     def opening(self) -> list[dict[str, Any]]:
-        return []  # text completions have no role chunk
+        # Text completions have no role chunk; an echoed prompt comes first.
+        if not self._echo:
+            return []
+        return [
+            self._chunk([CompletionChoice(index=i, text=self._echo, finish_reason=None)])
+            for i in range(self._n)
+        ]
 
-    def text(self, text: str) -> dict[str, Any]:
-        return self._chunk([CompletionChoice(index=0, text=text, finish_reason=None)])
+    def text(self, text: str, index: int, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        choice = CompletionChoice(index=index, text=text, finish_reason=None)
+        if self._token_bytes is not None:
+            builder = self._logprobs.setdefault(index, CompletionLogprobBuilder(self._token_bytes))
+            choice.logprobs = builder.build(logprobs)
+        return self._chunk([choice])
 
-    def finish(self, finish_reason: str) -> dict[str, Any]:
-        return self._chunk([CompletionChoice(index=0, text="", finish_reason=finish_reason)])
+    def finish(
+        self, finish_reason: str, index: int, routed_experts: str | None = None
+    ) -> dict[str, Any]:
+        choice = CompletionChoice(
+            index=index, text="", finish_reason=finish_reason, routed_experts=routed_experts
+        )
+        return self._chunk([choice])
 
     def usage(self, usage: UsageInfo) -> dict[str, Any]:
         return self._chunk([], usage)
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=OPENAPI_ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
     state.check_model(body.model)
@@ -93,10 +128,20 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompt_ids = _prompt_token_ids(state, body)
     request_id = new_request_id("cmpl")
     plan = build_plan(
-        state.model, body, prompt_ids, request_id=request_id, max_tokens=body.max_tokens
+        state.model,
+        body,
+        prompt_ids,
+        request_id=request_id,
+        max_tokens=body.max_tokens,
+        logprobs=body.logprobs is not None,
+        top_logprobs=body.logprobs or 0,
     )
+    echo = _echo_text(state, body, prompt_ids)
+    token_bytes = token_bytes_for(state.model.tokenizer) if body.logprobs is not None else None
     created = int(time.time())
     model_name = state.model.served_name
+    if body.model and state.model.adapter_for(body.model):
+        model_name = body.model  # an adapter answers under the name the request gave it
     events = state.generator.generate(plan)
 
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
@@ -104,7 +149,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         request,
         events,
         stream=bool(body.stream),
-        fmt=_CompletionChunks(request_id, created, model_name, include_usage),
+        fmt=_CompletionChunks(
+            request_id,
+            created,
+            model_name,
+            include_usage,
+            n=plan.n,
+            echo=echo,
+            token_bytes=token_bytes,
+        ),
         include_usage=include_usage,
         request_id=request_id,
         build_response=lambda result: CompletionResponse(
@@ -112,8 +165,32 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             created=created,
             model=model_name,
             choices=[
-                CompletionChoice(index=0, text=result.text, finish_reason=result.finish_reason)
+                CompletionChoice(
+                    index=c.index,
+                    text=echo + c.text,
+                    finish_reason=c.finish_reason,
+                    logprobs=(
+                        CompletionLogprobBuilder(token_bytes).build(c.logprobs)
+                        if token_bytes is not None
+                        else None
+                    ),
+                    routed_experts=c.routed_experts,
+                )
+                for c in result.choices
             ],
             usage=result.usage,
         ),
     )
+
+
+def _echo_text(state: GatewayState, body: CompletionRequest, prompt_ids: list[int]) -> str:
+    """The prompt as the client sent it (its text, or its token ids decoded), with echo."""
+    if not body.echo:
+        return ""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[0], str):
+        return prompt[0]
+    text = state.model.tokenizer.decode(prompt_ids)
+    return text if isinstance(text, str) else ""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from services.gateway.errors import bad_request
-from services.gateway.protocol import SamplingFields
+from services.gateway.protocol import ResponseFormat, SamplingFields
 from services.gateway.tokenizer import ModelInfo
+from shared.grammar import GrammarError, GrammarSpec, check_grammar, tool_calls_ebnf
 from shared.rpc import kvrelay_pb2 as pb
 from shared.rpc.convert import sampling_to_pb
 from shared.sampler import SamplingParams
@@ -34,6 +37,13 @@ class GenerationPlan:
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids in the vocabulary
+    n: int = 1  # choices: one prefill, n decode sequences sharing the prompt's KV
+    lora: str | None = None  # LoRA adapter's name: the workers run the prompt through it
+    lora_key: str | None = None  # its key in the block hashes (routing by cached prefix)
+    logprobs: bool = False  # the client wants each token's logprob
+    top_logprobs: int = 0  # and this many alternatives per token
+    grammar: GrammarSpec | None = None  # structured output: what the answer must match
+    return_routed_experts: bool = False  # MoE: each token's experts (SGLang's extension)
 
     @property
     def prompt_len(self) -> int:
@@ -55,6 +65,10 @@ class GenerationPlan:
                 repetition_penalty=self.repetition_penalty,
                 min_new_tokens=self.min_new_tokens,
                 logit_bias=self.logit_bias,
+                n=self.n,
+                top_logprobs=self.top_logprobs,
+                grammar=self.grammar,
+                return_routed_experts=self.return_routed_experts,
             )
         )
 
@@ -70,8 +84,13 @@ def build_plan(
     *,
     request_id: str,
     max_tokens: int | None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    tool_grammar: GrammarSpec | None = None,
 ) -> GenerationPlan:
-    """Checks the lengths against the context and fills in the sampling defaults."""
+    """Checks the lengths against the context and fills in the sampling defaults.
+
+    `tool_grammar` (tool_calls_grammar's) makes the answer tool calls only."""
     prompt_len = len(prompt_token_ids)
     ctx = model.max_context
     if prompt_len == 0:
@@ -111,6 +130,16 @@ def build_plan(
 
     top_k = request.top_k if request.top_k is not None and request.top_k > 0 else 0
     top_k = min(top_k, model.vocab_size)  # larger means all of them; keeps it in int32
+    adapter = model.adapter_for(request.model)  # the route checked the name (check_model)
+    grammar = structured_output(request)
+    if tool_grammar is not None:
+        if grammar is not None:
+            raise bad_request(
+                "tool_choice 'required' or a named function makes the answer tool calls: "
+                "it cannot also follow response_format, regex or ebnf",
+                "tool_choice",
+            )
+        grammar = tool_grammar
     return GenerationPlan(
         request_id=request_id,
         prompt_token_ids=list(prompt_token_ids),
@@ -129,4 +158,101 @@ def build_plan(
         repetition_penalty=request.repetition_penalty or 1.0,  # > 0 when given
         min_new_tokens=min_tokens,
         logit_bias=logit_bias,
+        n=request.n or 1,
+        lora=adapter.name if adapter is not None else None,
+        lora_key=adapter.key if adapter is not None else None,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs if logprobs else 0,
+        grammar=grammar,
+        return_routed_experts=bool(request.return_routed_experts),
     )
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How a tool-call parser's model writes its calls (services/gateway/tool_parsers/)."""
+
+    begin: str
+    end: str
+    separator: str  # between two calls
+    arguments_key: str
+
+
+TOOL_CALL_FORMATS = {
+    "hermes": ToolCallFormat("<tool_call>\n", "\n</tool_call>", "\n", "arguments"),
+    "qwen25": ToolCallFormat("<tool_call>\n", "\n</tool_call>", "\n", "arguments"),
+    "qwen": ToolCallFormat("<tool_call>\n", "\n</tool_call>", "\n", "arguments"),
+    "llama3": ToolCallFormat("", "", "; ", "parameters"),
+}
+
+
+def tool_calls_grammar(
+    parser: str | None,
+    functions: Sequence[tuple[str, dict[str, Any] | None]],
+    *,
+    max_calls: int | None,
+) -> GrammarSpec | None:
+    """The grammar that enforces tool_choice "required" or a named function: the answer is
+    calls of `functions` (name, parameters schema) in the parser's format. None when the
+    parser's format is unknown (the choice is then only checked, not enforced)."""
+    fmt = TOOL_CALL_FORMATS.get(parser or "")
+    if fmt is None or not functions:
+        return None
+    schemas = [
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": name},
+                    fmt.arguments_key: parameters or {"type": "object"},
+                },
+                "required": ["name", fmt.arguments_key],
+            }
+        )
+        for name, parameters in functions
+    ]
+    try:
+        source = tool_calls_ebnf(
+            schemas, begin=fmt.begin, end=fmt.end, separator=fmt.separator, max_calls=max_calls
+        )
+    except GrammarError as exc:
+        raise bad_request(f"tools: {exc}", "tools") from None
+    return GrammarSpec("ebnf", source)
+
+
+def structured_output(request: SamplingFields) -> GrammarSpec | None:
+    """The grammar the answer must match: response_format (chat), regex or ebnf; at most
+    one. Checked here, so a bad schema, regex or grammar is a 400 before any worker works."""
+    specs: list[tuple[str, GrammarSpec]] = []
+    response_format: ResponseFormat | None = getattr(request, "response_format", None)
+    if response_format is not None and response_format.type != "text":
+        if response_format.type == "json_schema":
+            if response_format.json_schema is None:
+                raise bad_request(
+                    "response_format of type json_schema needs a json_schema", "response_format"
+                )
+            schema = response_format.json_schema.schema_
+            spec = GrammarSpec("json_object")
+            if schema is not None:
+                spec = GrammarSpec("json_schema", json.dumps(schema))
+        else:
+            spec = GrammarSpec("json_object")
+        specs.append(("response_format", spec))
+    if request.regex is not None:
+        specs.append(("regex", GrammarSpec("regex", request.regex)))
+    if request.ebnf is not None:
+        specs.append(("ebnf", GrammarSpec("ebnf", request.ebnf)))
+    if not specs:
+        return None
+    if len(specs) > 1:
+        raise bad_request(
+            f"only one of response_format, regex and ebnf may constrain the answer, not "
+            f"{' and '.join(name for name, _ in specs)}",
+            specs[1][0],
+        )
+    param, spec = specs[0]
+    try:
+        check_grammar(spec)
+    except GrammarError as exc:
+        raise bad_request(str(exc), param) from None
+    return spec

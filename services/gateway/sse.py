@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from services.gateway.errors import APIError
 from services.gateway.generate import Finished, GenerationEvent, TextDelta
+from services.gateway.logprobs import TokenLogprob
 from services.gateway.protocol import PromptTokensDetails, UsageInfo
 
 logger = logging.getLogger("kvrelay.gateway")
@@ -32,12 +33,15 @@ def sse_data(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {body}\n\n"
 
 
-def usage_info(finished: Finished) -> UsageInfo:
+def usage_info(finished: Sequence[Finished]) -> UsageInfo:
+    """A request's usage from the Finished events of its choices: one prompt, n answers."""
+    prompt_tokens = finished[0].prompt_tokens
+    completion_tokens = sum(f.completion_tokens for f in finished)
     return UsageInfo(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=finished.prompt_tokens + finished.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished[0].cached_tokens),
     )
 
 
@@ -45,8 +49,14 @@ class ChunkFormatter(Protocol):
     """The endpoint-specific shape of each chunk (chat vs text completions)."""
 
     def opening(self) -> list[dict[str, Any]]: ...
-    def text(self, text: str) -> dict[str, Any]: ...
-    def finish(self, finish_reason: str) -> dict[str, Any]: ...
+    # `logprobs`: of the tokens whose text this is, when the request asked for them.
+    def text(
+        self, text: str, index: int, logprobs: Sequence[TokenLogprob] = ()
+    ) -> dict[str, Any]: ...
+    # `routed_experts`: the choice's, when the request asked for them.
+    def finish(
+        self, finish_reason: str, index: int, routed_experts: str | None = None
+    ) -> dict[str, Any]: ...
     def usage(self, usage: UsageInfo) -> dict[str, Any]: ...
 
 
@@ -66,13 +76,18 @@ async def event_stream(
         try:
             for chunk in fmt.opening():
                 yield sse_data(chunk)
+            finished: list[Finished] = []
             async for event in events:
                 if isinstance(event, TextDelta):
-                    yield sse_data(fmt.text(event.text))
+                    yield sse_data(fmt.text(event.text, event.index, event.logprobs))
                 elif isinstance(event, Finished):
-                    yield sse_data(fmt.finish(event.finish_reason))
-                    if include_usage:
-                        yield sse_data(fmt.usage(usage_info(event)))
+                    yield sse_data(
+                        fmt.finish(event.finish_reason, event.index, event.routed_experts)
+                    )
+                    finished.append(event)
+            if include_usage and finished:
+                # After every choice has finished: the whole request's usage, once.
+                yield sse_data(fmt.usage(usage_info(finished)))
         except asyncio.CancelledError:
             logger.info("%s: stream cancelled (client gone or shutdown)", request_id)
             raise

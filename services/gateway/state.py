@@ -30,9 +30,12 @@ class GatewayState:
 
     def check_model(self, name: str | None) -> None:
         if not self.model.accepts(name):
+            adapters = [e.name for e in self.model.adapters.entries()]
+            also = f" and the LoRA adapters {adapters}" if adapters else ""
             raise APIError(
                 404,
-                f"the model {name!r} does not exist; this server serves {self.model.served_name!r}",
+                f"the model {name!r} does not exist; this server serves "
+                f"{self.model.served_name!r}{also}",
                 type=NOT_FOUND,
                 param="model",
                 code="model_not_found",

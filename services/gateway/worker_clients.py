@@ -14,6 +14,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.auth_interceptor import auth_metadata
 from shared.rpc import kvrelay_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("kvrelay.gateway")
@@ -24,8 +25,11 @@ _CHANNEL_OPTIONS = [
     # Prompts of a long context are a few hundred KiB of token ids: stay clear of the 4 MiB cap.
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    # Reconnect quickly to a worker that restarts, rather than backing off for minutes.
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    # Reconnect quickly to a worker that restarts, rather than backing off for minutes: until
+    # the channel reconnects, calls to the worker fail at once even though it serves again.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 HEALTH_CHECK_TIMEOUT_S = 1.0
 HEALTH_MAX_AGE_S = 1.0
@@ -36,9 +40,17 @@ STALE_HEALTH_S = 5.0
 class WorkerClient:
     """One worker: its channel (made on first use, in the running event loop) and health."""
 
-    def __init__(self, addr: str, role: Role) -> None:
+    def __init__(
+        self,
+        addr: str,
+        role: Role,
+        internal_token: str | None = None,
+        health_timeout_s: float = HEALTH_CHECK_TIMEOUT_S,
+    ) -> None:
         self.addr = addr
         self.role = role
+        self._auth = auth_metadata(internal_token)
+        self.health_timeout_s = health_timeout_s
         self.healthy = True  # optimistic until a check says otherwise
         self.checked_at = 0.0  # time.monotonic() of the last verdict
         # Calls that need this worker (a prefill call needs its decode too): cancelled when
@@ -75,6 +87,12 @@ class WorkerClient:
             self._decode_stub = pb_grpc.DecodeWorkerStub(channel)
         return self._decode_stub
 
+    def metadata(
+        self, extra: tuple[tuple[str, str], ...] | None = None
+    ) -> tuple[tuple[str, str], ...]:
+        """Metadata of a call to this worker: the internal token, then `extra`."""
+        return self._auth + (extra or ())
+
     def usable(self, now: float) -> bool:
         return self.healthy or now - self.checked_at > STALE_HEALTH_S
 
@@ -92,6 +110,14 @@ class WorkerClient:
         for call in calls:
             call.cancel()
 
+    def mark_draining(self, reason: str) -> None:
+        """The worker refuses new calls while it finishes those it has: route around it,
+        but leave its calls in flight alone."""
+        if self.healthy:
+            logger.info("%r is draining: %s", self, reason)
+        self.healthy = False
+        self.checked_at = time.monotonic()
+
     def mark_failed(self, reason: str) -> None:
         if self.healthy:
             logger.warning("%r marked unhealthy: %s", self, reason)
@@ -99,14 +125,15 @@ class WorkerClient:
         self.checked_at = time.monotonic()
         self._abandon_calls(reason)
 
-    async def check_health(self, timeout: float = HEALTH_CHECK_TIMEOUT_S) -> bool:
+    async def check_health(self, timeout: float | None = None) -> bool:
         channel = self._channel_here()
         if self._health_stub is None:
             self._health_stub = health_pb2_grpc.HealthStub(channel)
         try:
             # "" is the server as a whole, which grpc's health servicer reports by default.
             resp = await self._health_stub.Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+                health_pb2.HealthCheckRequest(service=""),
+                timeout=timeout or self.health_timeout_s,
             )
             ok = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError as exc:
@@ -139,9 +166,20 @@ class HealthReport:
 
 
 class WorkerPool:
-    def __init__(self, prefill_addrs: Sequence[str], decode_addrs: Sequence[str]) -> None:
-        self.prefill = [WorkerClient(a, "prefill") for a in prefill_addrs]
-        self.decode = [WorkerClient(a, "decode") for a in decode_addrs]
+    def __init__(
+        self,
+        prefill_addrs: Sequence[str],
+        decode_addrs: Sequence[str],
+        *,
+        internal_token: str | None = None,
+        health_timeout_s: float = HEALTH_CHECK_TIMEOUT_S,
+    ) -> None:
+        self.prefill = [
+            WorkerClient(a, "prefill", internal_token, health_timeout_s) for a in prefill_addrs
+        ]
+        self.decode = [
+            WorkerClient(a, "decode", internal_token, health_timeout_s) for a in decode_addrs
+        ]
         self._checked_at: float | None = None
         self._inflight: asyncio.Task[None] | None = None
 

@@ -14,17 +14,25 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
 
 from shared.block_hash import block_hashes
+from shared.grammar import GrammarBackend, TokenMask, fill_masks
 from shared.kv_pool import KVPoolExhausted
+from shared.model.lora import LoraAdapter
 from shared.model.runner import ModelRunner, SeqSlice
+from shared.observability.request_id import request_log_extra
 from shared.prefix_cache import PrefixCache
-from shared.sampler import SamplingParams, TokenHistory, sample
+from shared.sampler import SamplingParams, TokenHistory, TopLogprobs, sample_tokens
 from shared.transfer import KvSender, KvTransferError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,16 +48,21 @@ class PrefillJob:
     params: SamplingParams
     destination: KvDestination | None
     cache_salt: str | None = None
+    lora: LoraAdapter | None = None  # its key enters the block hashes: no cache across adapters
 
 
 @dataclass(frozen=True)
 class PrefillOutcome:
-    first_token_id: int
-    first_token_logprob: float
+    first_token_ids: list[int]  # one per choice (params.n), sampled from the same logits
+    first_token_logprobs: list[float]
     kv_bytes_sent: int
     cached_tokens: int
     queue_s: float
     compute_s: float
+    # One per choice when params.top_logprobs > 0: the first token's alternatives.
+    first_token_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    # With params.return_routed_experts: int32 LE [prompt tokens, layers, top_k].
+    routed_experts: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class _Task:
     bytes_sent: int = 0
     chunks_sent: int = 0
     started: float = 0.0
+    routing: list[torch.Tensor] = field(default_factory=list)  # experts of each chunk
 
     @property
     def remaining(self) -> int:
@@ -102,16 +116,21 @@ class PrefillEngine:
         page_size = runner.pool.page_size
         if self.limits.chunked_prefill_size % page_size:
             raise ValueError(f"chunked_prefill_size must be a multiple of {page_size}")
-        self._inbox: queue.SimpleQueue[_Task | _Wake | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Task | _Call | _Wake | None] = queue.SimpleQueue()
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
         self._waiting: list[_Task] = []  # admitted in order, not yet holding pages
         self._running: list[_Task] = []  # holding pages, partly computed
         self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
         self.stats = PrefillStats()
+        self.grammars = GrammarBackend(runner.model_dir, runner.config.vocab_size)
 
     def start(self) -> None:
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        """False once the engine thread has died (its worker must not look healthy)."""
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -120,7 +139,17 @@ class PrefillEngine:
     def submit(self, job: PrefillJob) -> Future[PrefillOutcome]:
         self._validate(job)
         future: Future[PrefillOutcome] = Future()
+        # Running from the start: a caller that goes away cancels through cancel(), never
+        # the future itself (a cancelled future would refuse the engine's late result).
+        future.set_running_or_notify_cancel()
         self._inbox.put(_Task(job, future, time.perf_counter()))
+        return future
+
+    def run_on_engine(self, fn: Callable[[], T]) -> Future[T]:
+        """Runs fn on the engine thread, between two steps (the thread owns the model and
+        the pool): embeddings use it."""
+        future: Future[T] = Future()
+        self._inbox.put(_Call(fn, future))
         return future
 
     def cancel(self, request_id: str) -> None:
@@ -149,6 +178,8 @@ class PrefillEngine:
             )
         if job.destination is not None and len(job.destination.page_ids) != needed:
             raise ValueError("reserved decode pages do not fit the prompt")
+        if job.lora is not None and self.runner.lora is None:
+            raise ValueError(f"LoRA adapter {job.lora.name!r} but this worker has no LoRA")
 
     # --- the engine thread ---------------------------------------------------------------
 
@@ -163,6 +194,8 @@ class PrefillEngine:
                 break
             if isinstance(item, _Task):
                 self._waiting.append(item)
+            elif isinstance(item, _Call):
+                item.run()
             while True:  # drain whatever else arrived
                 try:
                     more = self._inbox.get_nowait()
@@ -173,6 +206,8 @@ class PrefillEngine:
                     return
                 if isinstance(more, _Task):
                     self._waiting.append(more)
+                elif isinstance(more, _Call):
+                    more.run()
             self._drop_cancelled()
             self._admit()
             if self._running:
@@ -187,6 +222,13 @@ class PrefillEngine:
         for tasks in (self._waiting, self._running):
             for task in [t for t in tasks if t.job.request_id in cancelled]:
                 tasks.remove(task)
+                log.info(
+                    "request %s: dropped, its caller cancelled (%d of %d tokens computed)",
+                    task.job.request_id,
+                    task.computed,
+                    len(task.job.prompt),
+                    extra=request_log_extra(task.job.request_id),
+                )
                 self._fail(task, KvTransferError("cancelled by the caller"), tell_decode=True)
 
     def _admit(self) -> None:
@@ -197,10 +239,16 @@ class PrefillEngine:
             job = task.job
             if not task.hashes:
                 task.hashes = block_hashes(
-                    job.prompt, pool.page_size, model=self.model_name, cache_salt=job.cache_salt
+                    job.prompt,
+                    pool.page_size,
+                    model=self.model_name,
+                    lora=job.lora.key if job.lora is not None else None,
+                    cache_salt=job.cache_salt,
                 )
             # At least one token is computed: its logits give the first answer token.
             reusable = (len(job.prompt) - 1) // pool.page_size
+            if job.params.return_routed_experts:
+                reusable = 0  # cached tokens would have no routing: compute them all
             cached = self.cache.match(task.hashes, max_blocks=reusable)
             try:
                 fresh = self.cache.allocate(pool.pages_for(len(job.prompt)) - len(cached.pages))
@@ -227,14 +275,23 @@ class PrefillEngine:
     def _step(self) -> None:
         budget = self.limits.max_prefill_tokens
         batch: list[tuple[_Task, int]] = []
+        adapters = self.runner.lora.budget() if self.runner.lora is not None else None
         for task in self._running:
             if budget <= 0:
                 break
+            if adapters is not None and not adapters.admit(task.job.lora):
+                continue  # its adapter finds no slot in this step: the next one
             take = min(task.remaining, self.limits.chunked_prefill_size, budget)
             batch.append((task, take))
             budget -= take
         slices = [
-            SeqSlice(t.job.prompt[t.computed : t.computed + n], t.computed, t.pages)
+            SeqSlice(
+                t.job.prompt[t.computed : t.computed + n],
+                t.computed,
+                t.pages,
+                t.job.lora,
+                record_routing=t.job.params.return_routed_experts,
+            )
             for t, n in batch
         ]
         self.stats.steps += 1
@@ -250,8 +307,11 @@ class PrefillEngine:
             return
         finished: list[tuple[int, _Task]] = []
         page_size = self.runner.pool.page_size
+        routed = self.runner.routed_experts
         for row, (task, n) in enumerate(batch):
             task.computed += n
+            if routed and (rows := routed[row]) is not None:
+                task.routing.append(rows)
             if task.remaining == 0:
                 finished.append((row, task))
                 continue
@@ -262,17 +322,27 @@ class PrefillEngine:
                 self._fail(task, exc, tell_decode=False)
         for row, task in finished:
             self._running.remove(task)
+            params = task.job.params
             try:
-                (token,), (logprob,) = sample(
-                    logits[row : row + 1],
-                    [task.job.params],
-                    [0],
-                    histories=[TokenHistory(task.job.prompt, ())],
+                tokens, logprobs, top = sample_tokens(
+                    logits[row : row + 1].expand(params.n, -1),
+                    [params.for_choice(i) for i in range(params.n)],
+                    [0] * params.n,
+                    histories=[TokenHistory(task.job.prompt, ())] * params.n,
+                    mask=self._first_token_mask(params),
                 )
             except ValueError as exc:  # parameters the sampler refuses fail their request
                 self._fail(task, exc, tell_decode=True)
                 continue
-            self._complete(task, token, logprob)
+            self._complete(task, tokens, logprobs, top if params.top_logprobs else [])
+
+    def _first_token_mask(self, params: SamplingParams) -> TokenMask | None:
+        """The grammar's mask at the start of the answer, for each of the n choices."""
+        if params.grammar is None:
+            return None
+        grammar = self.grammars.matcher(params.grammar, params.stop_token_ids)
+        mask = fill_masks([grammar], self.grammars.vocab_size)
+        return mask.expand(params.n) if mask is not None else None
 
     def _send_ready_pages(self, task: _Task, upto: int) -> None:
         """Sends pages [pages_sent, upto) of the task to its decode worker, if it has one."""
@@ -290,7 +360,13 @@ class PrefillEngine:
         task.bytes_sent += sent
         task.chunks_sent += chunks
 
-    def _complete(self, task: _Task, token: int, logprob: float) -> None:
+    def _complete(
+        self,
+        task: _Task,
+        tokens: list[int],
+        logprobs: list[float],
+        top: list[TopLogprobs] | None = None,
+    ) -> None:
         job = task.job
         try:
             self._send_ready_pages(task, len(task.pages))
@@ -300,8 +376,8 @@ class PrefillEngine:
                     endpoint=job.destination.endpoint,
                     num_tokens=len(job.prompt),
                     num_chunks=task.chunks_sent,
-                    first_token_id=token,
-                    first_token_logprob=logprob,
+                    first_token_ids=tokens,
+                    first_token_logprobs=logprobs,
                 )
         except KvTransferError as exc:
             self._fail(task, exc, tell_decode=False)
@@ -318,15 +394,21 @@ class PrefillEngine:
             (now - task.started) * 1e3,
             (task.started - task.submitted) * 1e3,
             task.bytes_sent,
+            extra=request_log_extra(job.request_id),
         )
+        routed = b""
+        if task.routing:
+            routed = torch.cat(task.routing).numpy().astype("<i4", copy=False).tobytes()
         task.future.set_result(
             PrefillOutcome(
-                token,
-                logprob,
+                tokens,
+                logprobs,
                 task.bytes_sent,
                 task.cached_tokens,
                 task.started - task.submitted,
                 now - task.started,
+                top or [],
+                routed,
             )
         )
 
@@ -357,6 +439,22 @@ class PrefillEngine:
 
 class _Wake:
     """Inbox marker that only wakes the engine thread."""
+
+
+@dataclass
+class _Call:
+    """A function to run on the engine thread, and where its result goes."""
+
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn())
+        except Exception as exc:
+            self.future.set_exception(exc)
 
 
 _WAKE = _Wake()

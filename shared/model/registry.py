@@ -10,6 +10,11 @@ import torch
 from kernels.attention import AttentionMetadata
 from shared.model.config import ModelConfig
 from shared.model.llama import LlamaModel
+from shared.model.lora_slots import LoraBatch
+from shared.model.mistral import MistralModel
+from shared.model.qwen2 import Qwen2Model
+from shared.model.qwen3 import Qwen3Model
+from shared.model.qwen3_moe import Qwen3MoeModel
 
 
 class CausalLM(Protocol):
@@ -28,10 +33,17 @@ class CausalLM(Protocol):
         meta: AttentionMetadata,
         kv: torch.Tensor,
         last_idx: torch.Tensor,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor: ...
 
 
-MODEL_REGISTRY: dict[str, type[CausalLM]] = {"LlamaForCausalLM": LlamaModel}
+MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+    "LlamaForCausalLM": LlamaModel,
+    "MistralForCausalLM": MistralModel,
+    "Qwen2ForCausalLM": Qwen2Model,
+    "Qwen3ForCausalLM": Qwen3Model,
+    "Qwen3MoeForCausalLM": Qwen3MoeModel,
+}
 
 
 def load_model(

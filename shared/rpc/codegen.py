@@ -7,6 +7,7 @@ checked-in stubs are what this produces.
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,18 +19,21 @@ GENERATED = ("kvrelay_pb2.py", "kvrelay_pb2.pyi", "kvrelay_pb2_grpc.py")
 
 
 def generate(out_dir: Path) -> None:
-    from grpc_tools import protoc  # build-time tool, only needed here
-
+    # protoc (grpc_tools, a build-time tool) runs in a process of its own: in-process it
+    # shares native state with whatever the caller loaded (it crashed after UCX had run).
     args = [
-        "protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"-I{PROTO_DIR}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         str(PROTO_DIR / PROTO_FILE),
     ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {PROTO_FILE}")
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"protoc failed on {PROTO_FILE}: {result.stderr.strip()}")
     # protoc writes `import kvrelay_pb2`, which only works with the folder on sys.path.
     grpc_file = out_dir / "kvrelay_pb2_grpc.py"
     text = re.sub(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from shared.grammar import GrammarSpec
 from shared.rpc import kvrelay_pb2 as pb
-from shared.sampler import SamplingParams
+from shared.sampler import SamplingParams, TopLogprobs
 
 
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
@@ -23,6 +24,10 @@ def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         min_new_tokens=int(msg.min_new_tokens),
         # Sorted: the same request gives equal SamplingParams whatever the map's order.
         logit_bias=tuple(sorted((int(t), float(b)) for t, b in msg.logit_bias.items())),
+        n=max(int(msg.n), 1),
+        top_logprobs=int(msg.top_logprobs),
+        grammar=GrammarSpec(msg.grammar_kind, msg.grammar) if msg.grammar_kind else None,
+        return_routed_experts=bool(msg.return_routed_experts),
     )
 
 
@@ -39,7 +44,21 @@ def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
         repetition_penalty=params.repetition_penalty,
         min_new_tokens=params.min_new_tokens,
         logit_bias=dict(params.logit_bias),
+        n=params.n,
+        top_logprobs=params.top_logprobs,
+        return_routed_experts=params.return_routed_experts,
     )
     if params.seed is not None:
         msg.seed = params.seed
+    if params.grammar is not None:
+        msg.grammar_kind = params.grammar.kind
+        msg.grammar = params.grammar.source
     return msg
+
+
+def top_logprobs_to_pb(top: TopLogprobs) -> pb.TopLogprobs:
+    return pb.TopLogprobs(token_ids=top[0], logprobs=top[1])
+
+
+def top_logprobs_from_pb(msg: pb.TopLogprobs) -> TopLogprobs:
+    return tuple(int(t) for t in msg.token_ids), tuple(float(x) for x in msg.logprobs)

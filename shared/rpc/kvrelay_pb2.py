@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rkvrelay.proto\x12\nkvrelay.v1\"\xf8\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\x16\n\x0emin_new_tokens\x18\x0b \x01(\r\x12=\n\nlogit_bias\x18\x0c \x03(\x0b\x32).kvrelay.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"[\n\x08KvTarget\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x10\n\x08page_ids\x18\x02 \x03(\r\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\"\xa9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\'\n\tkv_target\x18\x04 \x01(\x0b\x32\x14.kvrelay.v1.KvTarget\x12\x12\n\ncache_salt\x18\x05 \x01(\t\"\x8b\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x1b\n\x13\x66irst_token_logprob\x18\x02 \x01(\x02\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"m\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\"H\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"l\n\rGenerateEvent\x12(\n\x08reserved\x18\x01 \x01(\x0b\x32\x14.kvrelay.v1.KvTargetH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.kvrelay.v1.TokenBatchH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11WorkerInfoRequest\"\xca\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tnum_pages\x18\x06 \x01(\r\x12\x12\n\nfree_pages\x18\x07 \x01(\r\x12\x13\n\x0bmax_context\x18\x08 \x01(\r\x12\x13\n\x0bkv_endpoint\x18\t \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_pages\x18\n \x01(\r2\x95\x01\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponse\x12@\n\x07GetInfo\x12\x1d.kvrelay.v1.WorkerInfoRequest\x1a\x16.kvrelay.v1.WorkerInfo2\x96\x01\n\x0c\x44\x65\x63odeWorker\x12\x44\n\x08Generate\x12\x1b.kvrelay.v1.GenerateRequest\x1a\x19.kvrelay.v1.GenerateEvent0\x01\x12@\n\x07GetInfo\x12\x1d.kvrelay.v1.WorkerInfoRequest\x1a\x16.kvrelay.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rkvrelay.proto\x12\nkvrelay.v1\"\xdf\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\x16\n\x0emin_new_tokens\x18\x0b \x01(\r\x12=\n\nlogit_bias\x18\x0c \x03(\x0b\x32).kvrelay.v1.SamplingParams.LogitBiasEntry\x12\t\n\x01n\x18\r \x01(\r\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x14\n\x0cgrammar_kind\x18\x0f \x01(\t\x12\x0f\n\x07grammar\x18\x10 \x01(\t\x12\x1d\n\x15return_routed_experts\x18\x11 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"[\n\x08KvTarget\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x10\n\x08page_ids\x18\x02 \x03(\r\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\"\xb7\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\'\n\tkv_target\x18\x04 \x01(\x0b\x32\x14.kvrelay.v1.KvTarget\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x0c\n\x04lora\x18\x06 \x01(\t\"\xe0\x01\n\x0fPrefillResponse\x12\x17\n\x0f\x66irst_token_ids\x18\x01 \x03(\r\x12\x1c\n\x14\x66irst_token_logprobs\x18\x02 \x03(\x02\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x39\n\x18\x66irst_token_top_logprobs\x18\x06 \x03(\x0b\x32\x17.kvrelay.v1.TopLogprobs\x12\x16\n\x0erouted_experts\x18\x07 \x01(\x0c\"{\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\x0c\n\x04lora\x18\x04 \x01(\t\"\x9e\x01\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.kvrelay.v1.TopLogprobs\x12\x16\n\x0erouted_experts\x18\x06 \x01(\x0c\"l\n\rGenerateEvent\x12(\n\x08reserved\x18\x01 \x01(\x0b\x32\x14.kvrelay.v1.KvTargetH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.kvrelay.v1.TokenBatchH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11WorkerInfoRequest\"\xca\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tnum_pages\x18\x06 \x01(\r\x12\x12\n\nfree_pages\x18\x07 \x01(\r\x12\x13\n\x0bmax_context\x18\x08 \x01(\r\x12\x13\n\x0bkv_endpoint\x18\t \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_pages\x18\n \x01(\r\"D\n\x0bLoraAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\"4\n\x16LoadLoraAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"(\n\x18UnloadLoraAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17ListLoraAdaptersRequest\"M\n\x0fLoraAdapterList\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12)\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x17.kvrelay.v1.LoraAdapter\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"H\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06inputs\x18\x02 \x03(\x0b\x32\x14.kvrelay.v1.TokenIds\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"b\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.kvrelay.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x0f\n\x07pooling\x18\x03 \x01(\t2\xd5\x03\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponse\x12<\n\x05\x45mbed\x12\x18.kvrelay.v1.EmbedRequest\x1a\x19.kvrelay.v1.EmbedResponse\x12@\n\x07GetInfo\x12\x1d.kvrelay.v1.WorkerInfoRequest\x1a\x16.kvrelay.v1.WorkerInfo\x12R\n\x0fLoadLoraAdapter\x12\".kvrelay.v1.LoadLoraAdapterRequest\x1a\x1b.kvrelay.v1.LoraAdapterList\x12V\n\x11UnloadLoraAdapter\x12$.kvrelay.v1.UnloadLoraAdapterRequest\x1a\x1b.kvrelay.v1.LoraAdapterList\x12T\n\x10ListLoraAdapters\x12#.kvrelay.v1.ListLoraAdaptersRequest\x1a\x1b.kvrelay.v1.LoraAdapterList2\x98\x03\n\x0c\x44\x65\x63odeWorker\x12\x44\n\x08Generate\x12\x1b.kvrelay.v1.GenerateRequest\x1a\x19.kvrelay.v1.GenerateEvent0\x01\x12@\n\x07GetInfo\x12\x1d.kvrelay.v1.WorkerInfoRequest\x1a\x16.kvrelay.v1.WorkerInfo\x12R\n\x0fLoadLoraAdapter\x12\".kvrelay.v1.LoadLoraAdapterRequest\x1a\x1b.kvrelay.v1.LoraAdapterList\x12V\n\x11UnloadLoraAdapter\x12$.kvrelay.v1.UnloadLoraAdapterRequest\x1a\x1b.kvrelay.v1.LoraAdapterList\x12T\n\x10ListLoraAdapters\x12#.kvrelay.v1.ListLoraAdaptersRequest\x1a\x1b.kvrelay.v1.LoraAdapterListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=30
-  _globals['_SAMPLINGPARAMS']._serialized_end=406
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=349
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=397
-  _globals['_KVTARGET']._serialized_start=408
-  _globals['_KVTARGET']._serialized_end=499
-  _globals['_PREFILLREQUEST']._serialized_start=502
-  _globals['_PREFILLREQUEST']._serialized_end=671
-  _globals['_PREFILLRESPONSE']._serialized_start=674
-  _globals['_PREFILLRESPONSE']._serialized_end=813
-  _globals['_GENERATEREQUEST']._serialized_start=815
-  _globals['_GENERATEREQUEST']._serialized_end=924
-  _globals['_TOKENBATCH']._serialized_start=926
-  _globals['_TOKENBATCH']._serialized_end=998
-  _globals['_GENERATEEVENT']._serialized_start=1000
-  _globals['_GENERATEEVENT']._serialized_end=1108
-  _globals['_WORKERINFOREQUEST']._serialized_start=1110
-  _globals['_WORKERINFOREQUEST']._serialized_end=1129
-  _globals['_WORKERINFO']._serialized_start=1132
-  _globals['_WORKERINFO']._serialized_end=1334
-  _globals['_PREFILLWORKER']._serialized_start=1337
-  _globals['_PREFILLWORKER']._serialized_end=1486
-  _globals['_DECODEWORKER']._serialized_start=1489
-  _globals['_DECODEWORKER']._serialized_end=1639
+  _globals['_SAMPLINGPARAMS']._serialized_end=509
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=452
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=500
+  _globals['_TOPLOGPROBS']._serialized_start=511
+  _globals['_TOPLOGPROBS']._serialized_end=561
+  _globals['_KVTARGET']._serialized_start=563
+  _globals['_KVTARGET']._serialized_end=654
+  _globals['_PREFILLREQUEST']._serialized_start=657
+  _globals['_PREFILLREQUEST']._serialized_end=840
+  _globals['_PREFILLRESPONSE']._serialized_start=843
+  _globals['_PREFILLRESPONSE']._serialized_end=1067
+  _globals['_GENERATEREQUEST']._serialized_start=1069
+  _globals['_GENERATEREQUEST']._serialized_end=1192
+  _globals['_TOKENBATCH']._serialized_start=1195
+  _globals['_TOKENBATCH']._serialized_end=1353
+  _globals['_GENERATEEVENT']._serialized_start=1355
+  _globals['_GENERATEEVENT']._serialized_end=1463
+  _globals['_WORKERINFOREQUEST']._serialized_start=1465
+  _globals['_WORKERINFOREQUEST']._serialized_end=1484
+  _globals['_WORKERINFO']._serialized_start=1487
+  _globals['_WORKERINFO']._serialized_end=1689
+  _globals['_LORAADAPTER']._serialized_start=1691
+  _globals['_LORAADAPTER']._serialized_end=1759
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_start=1761
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_end=1813
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_start=1815
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_end=1855
+  _globals['_LISTLORAADAPTERSREQUEST']._serialized_start=1857
+  _globals['_LISTLORAADAPTERSREQUEST']._serialized_end=1882
+  _globals['_LORAADAPTERLIST']._serialized_start=1884
+  _globals['_LORAADAPTERLIST']._serialized_end=1961
+  _globals['_TOKENIDS']._serialized_start=1963
+  _globals['_TOKENIDS']._serialized_end=1992
+  _globals['_EMBEDREQUEST']._serialized_start=1994
+  _globals['_EMBEDREQUEST']._serialized_end=2066
+  _globals['_EMBEDDING']._serialized_start=2068
+  _globals['_EMBEDDING']._serialized_end=2095
+  _globals['_EMBEDRESPONSE']._serialized_start=2097
+  _globals['_EMBEDRESPONSE']._serialized_end=2195
+  _globals['_PREFILLWORKER']._serialized_start=2198
+  _globals['_PREFILLWORKER']._serialized_end=2667
+  _globals['_DECODEWORKER']._serialized_start=2670
+  _globals['_DECODEWORKER']._serialized_end=3078
 # @@protoc_insertion_point(module_scope)

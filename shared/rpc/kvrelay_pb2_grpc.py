@@ -39,10 +39,30 @@ class PrefillWorkerStub:
                 request_serializer=kvrelay__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=kvrelay__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/kvrelay.v1.PrefillWorker/Embed',
+                request_serializer=kvrelay__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=kvrelay__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/kvrelay.v1.PrefillWorker/GetInfo',
                 request_serializer=kvrelay__pb2.WorkerInfoRequest.SerializeToString,
                 response_deserializer=kvrelay__pb2.WorkerInfo.FromString,
+                _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/kvrelay.v1.PrefillWorker/LoadLoraAdapter',
+                request_serializer=kvrelay__pb2.LoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=kvrelay__pb2.LoraAdapterList.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/kvrelay.v1.PrefillWorker/UnloadLoraAdapter',
+                request_serializer=kvrelay__pb2.UnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=kvrelay__pb2.LoraAdapterList.FromString,
+                _registered_method=True)
+        self.ListLoraAdapters = channel.unary_unary(
+                '/kvrelay.v1.PrefillWorker/ListLoraAdapters',
+                request_serializer=kvrelay__pb2.ListLoraAdaptersRequest.SerializeToString,
+                response_deserializer=kvrelay__pb2.LoraAdapterList.FromString,
                 _registered_method=True)
 
 
@@ -55,7 +75,32 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadLoraAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Requests already running with the adapter finish with it; new ones cannot use it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLoraAdapters(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,10 +114,30 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     request_deserializer=kvrelay__pb2.PrefillRequest.FromString,
                     response_serializer=kvrelay__pb2.PrefillResponse.SerializeToString,
             ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=kvrelay__pb2.EmbedRequest.FromString,
+                    response_serializer=kvrelay__pb2.EmbedResponse.SerializeToString,
+            ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
                     request_deserializer=kvrelay__pb2.WorkerInfoRequest.FromString,
                     response_serializer=kvrelay__pb2.WorkerInfo.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=kvrelay__pb2.LoadLoraAdapterRequest.FromString,
+                    response_serializer=kvrelay__pb2.LoraAdapterList.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=kvrelay__pb2.UnloadLoraAdapterRequest.FromString,
+                    response_serializer=kvrelay__pb2.LoraAdapterList.SerializeToString,
+            ),
+            'ListLoraAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoraAdapters,
+                    request_deserializer=kvrelay__pb2.ListLoraAdaptersRequest.FromString,
+                    response_serializer=kvrelay__pb2.LoraAdapterList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -113,6 +178,33 @@ class PrefillWorker:
             _registered_method=True)
 
     @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrelay.v1.PrefillWorker/Embed',
+            kvrelay__pb2.EmbedRequest.SerializeToString,
+            kvrelay__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetInfo(request,
             target,
             options=(),
@@ -129,6 +221,87 @@ class PrefillWorker:
             '/kvrelay.v1.PrefillWorker/GetInfo',
             kvrelay__pb2.WorkerInfoRequest.SerializeToString,
             kvrelay__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrelay.v1.PrefillWorker/LoadLoraAdapter',
+            kvrelay__pb2.LoadLoraAdapterRequest.SerializeToString,
+            kvrelay__pb2.LoraAdapterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrelay.v1.PrefillWorker/UnloadLoraAdapter',
+            kvrelay__pb2.UnloadLoraAdapterRequest.SerializeToString,
+            kvrelay__pb2.LoraAdapterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoraAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrelay.v1.PrefillWorker/ListLoraAdapters',
+            kvrelay__pb2.ListLoraAdaptersRequest.SerializeToString,
+            kvrelay__pb2.LoraAdapterList.FromString,
             options,
             channel_credentials,
             insecure,
@@ -159,6 +332,21 @@ class DecodeWorkerStub:
                 request_serializer=kvrelay__pb2.WorkerInfoRequest.SerializeToString,
                 response_deserializer=kvrelay__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/kvrelay.v1.DecodeWorker/LoadLoraAdapter',
+                request_serializer=kvrelay__pb2.LoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=kvrelay__pb2.LoraAdapterList.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/kvrelay.v1.DecodeWorker/UnloadLoraAdapter',
+                request_serializer=kvrelay__pb2.UnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=kvrelay__pb2.LoraAdapterList.FromString,
+                _registered_method=True)
+        self.ListLoraAdapters = channel.unary_unary(
+                '/kvrelay.v1.DecodeWorker/ListLoraAdapters',
+                request_serializer=kvrelay__pb2.ListLoraAdaptersRequest.SerializeToString,
+                response_deserializer=kvrelay__pb2.LoraAdapterList.FromString,
+                _registered_method=True)
 
 
 class DecodeWorkerServicer:
@@ -178,6 +366,24 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoraAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLoraAdapters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +396,21 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=kvrelay__pb2.WorkerInfoRequest.FromString,
                     response_serializer=kvrelay__pb2.WorkerInfo.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=kvrelay__pb2.LoadLoraAdapterRequest.FromString,
+                    response_serializer=kvrelay__pb2.LoraAdapterList.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=kvrelay__pb2.UnloadLoraAdapterRequest.FromString,
+                    response_serializer=kvrelay__pb2.LoraAdapterList.SerializeToString,
+            ),
+            'ListLoraAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoraAdapters,
+                    request_deserializer=kvrelay__pb2.ListLoraAdaptersRequest.FromString,
+                    response_serializer=kvrelay__pb2.LoraAdapterList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -246,6 +467,87 @@ class DecodeWorker:
             '/kvrelay.v1.DecodeWorker/GetInfo',
             kvrelay__pb2.WorkerInfoRequest.SerializeToString,
             kvrelay__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrelay.v1.DecodeWorker/LoadLoraAdapter',
+            kvrelay__pb2.LoadLoraAdapterRequest.SerializeToString,
+            kvrelay__pb2.LoraAdapterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrelay.v1.DecodeWorker/UnloadLoraAdapter',
+            kvrelay__pb2.UnloadLoraAdapterRequest.SerializeToString,
+            kvrelay__pb2.LoraAdapterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoraAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrelay.v1.DecodeWorker/ListLoraAdapters',
+            kvrelay__pb2.ListLoraAdaptersRequest.SerializeToString,
+            kvrelay__pb2.LoraAdapterList.FromString,
             options,
             channel_credentials,
             insecure,

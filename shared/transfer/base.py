@@ -3,7 +3,8 @@
 Decode side: `KvReceiver.expect(request_id, pages)` before prefill starts; the
 returned future resolves when the KvDone arrives after every chunk.
 `cancel(request_id)` guarantees that no later chunk for that request lands in
-its pages, so the caller may free them as soon as it returns.
+its pages, so the caller may free them as soon as it returns (a chunk whose bytes are
+already on their way keeps its own reference on its pages until they have landed).
 
 Prefill side: `KvSender.send_pages(...)` writes pages into the decode worker's
 reserved pages (in as many calls as suits the compute), `send_done(...)` closes the
@@ -12,15 +13,18 @@ request with its first token, `abort(...)` gives up on it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
 
 from shared.kv_pool import KVPool
+from shared.observability.worker_metrics import worker_metrics
 from shared.transfer.messages import KvAbort, KvChunk, KvDone
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,8 @@ class KvTransferError(Exception):
 @dataclass(frozen=True)
 class KvArrival:
     num_tokens: int
-    first_token_id: int
-    first_token_logprob: float
+    first_token_ids: list[int]  # one per choice
+    first_token_logprobs: list[float]
 
 
 @dataclass
@@ -46,10 +50,33 @@ class _Expectation:
     future: Future[KvArrival]
     chunks_received: int = 0
     bytes_received: int = 0
+    first_chunk_at: float | None = None  # time.perf_counter(), for the transfer's duration
+    in_flight: int = 0  # claimed chunks whose bytes are still on their way
+    pending_done: KvDone | None = None  # a KvDone that came before its last chunk landed
     page_set: frozenset[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.page_set = frozenset(self.page_ids)
+
+
+@dataclass(frozen=True)
+class ChunkClaim:
+    """A chunk checked against its reservation, its bytes on their way into its pages."""
+
+    chunk: KvChunk
+    num_bytes: int
+    expectation: _Expectation
+
+
+def _succeed(future: Future[KvArrival], arrival: KvArrival) -> None:
+    # The waiter may have cancelled it meanwhile (cancel() races the receive thread).
+    with contextlib.suppress(InvalidStateError):
+        future.set_result(arrival)
+
+
+def _fail(future: Future[KvArrival], error: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(error)
 
 
 class KvReceiver(ABC):
@@ -95,49 +122,121 @@ class KvReceiver(ABC):
             if expectation is None:
                 log.debug("dropping KV chunk of request %s: not expected", chunk.request_id)
                 return
+            expectation.first_chunk_at = expectation.first_chunk_at or time.perf_counter()
             try:
                 self._write_chunk(expectation, chunk, data)
             except (ValueError, RuntimeError) as exc:
                 del self._expected[chunk.request_id]
-                expectation.future.set_exception(KvTransferError(f"bad KV chunk: {exc}"))
+                worker_metrics().transfer.failed("receive", "bad_chunk")
+                _fail(expectation.future, KvTransferError(f"bad KV chunk: {exc}"))
                 return
             expectation.chunks_received += 1
             expectation.bytes_received += len(data)
 
     def on_done(self, done: KvDone) -> None:
         with self._lock:
-            expectation = self._expected.pop(done.request_id, None)
-        if expectation is None:
-            return
+            expectation = self._expected.get(done.request_id)
+            if expectation is None:
+                return
+            if expectation.in_flight:
+                # Chunks still landing (NIXL reads): the last to land closes the request.
+                expectation.pending_done = done
+                return
+            del self._expected[done.request_id]
+        self._close(expectation, done)
+
+    def _close(self, expectation: _Expectation, done: KvDone) -> None:
+        metrics = worker_metrics().transfer
         if expectation.chunks_received != done.num_chunks:
-            expectation.future.set_exception(
+            metrics.failed("receive", "incomplete")
+            _fail(
+                expectation.future,
                 KvTransferError(
                     f"KV of request {done.request_id} incomplete: "
                     f"{expectation.chunks_received} of {done.num_chunks} chunks"
-                )
+                ),
             )
         elif self.pool.pages_for(done.num_tokens) != len(expectation.page_ids):
-            expectation.future.set_exception(
-                KvTransferError(f"KV of {done.num_tokens} tokens does not fit the reserved pages")
+            metrics.failed("receive", "incomplete")
+            _fail(
+                expectation.future,
+                KvTransferError(f"KV of {done.num_tokens} tokens does not fit the reserved pages"),
             )
         elif expectation.bytes_received != len(expectation.page_ids) * self.pool.page_bytes():
-            expectation.future.set_exception(
-                KvTransferError(f"KV of request {done.request_id} does not cover every page")
+            metrics.failed("receive", "incomplete")
+            _fail(
+                expectation.future,
+                KvTransferError(f"KV of request {done.request_id} does not cover every page"),
             )
         else:
-            expectation.future.set_result(
-                KvArrival(done.num_tokens, done.first_token_id, done.first_token_logprob)
+            started = expectation.first_chunk_at or time.perf_counter()  # no chunk: no pages
+            metrics.received(
+                expectation.bytes_received, len(expectation.page_ids), time.perf_counter() - started
+            )
+            _succeed(
+                expectation.future,
+                KvArrival(
+                    done.num_tokens, list(done.first_token_ids), list(done.first_token_logprobs)
+                ),
             )
 
     def on_abort(self, abort: KvAbort) -> None:
         with self._lock:
             expectation = self._expected.pop(abort.request_id, None)
         if expectation is not None:
-            expectation.future.set_exception(
-                KvTransferError(f"prefill aborted the transfer: {abort.reason}")
+            worker_metrics().transfer.failed("receive", "aborted")
+            _fail(
+                expectation.future, KvTransferError(f"prefill aborted the transfer: {abort.reason}")
             )
 
-    def _write_chunk(self, expectation: _Expectation, chunk: KvChunk, data: memoryview) -> None:
+    # For backends whose bytes land in the pages by themselves (NIXL reads): the chunk is
+    # checked before any byte moves, and its pages keep an extra reference until the bytes
+    # have landed, so a cancel() meanwhile lets the caller free them without a late write
+    # landing in pages that someone else already owns.
+
+    def claim_chunk(self, chunk: KvChunk) -> ChunkClaim | None:
+        """A claim to fill the chunk's pages, or None: drop the chunk, move nothing."""
+        with self._lock:
+            expectation = self._expected.get(chunk.request_id)
+            if expectation is None:
+                log.debug("dropping KV chunk of request %s: not expected", chunk.request_id)
+                return None
+            try:
+                shape = self._check_chunk(expectation, chunk)
+            except ValueError as exc:
+                del self._expected[chunk.request_id]
+                worker_metrics().transfer.failed("receive", "bad_chunk")
+                _fail(expectation.future, KvTransferError(f"bad KV chunk: {exc}"))
+                return None
+            expectation.first_chunk_at = expectation.first_chunk_at or time.perf_counter()
+            self.pool.incref(chunk.dst_page_ids)
+            expectation.in_flight += 1
+            num_bytes = torch.Size(shape).numel() * self.pool.kv.element_size()
+            return ChunkClaim(chunk, num_bytes, expectation)
+
+    def chunk_landed(self, claim: ChunkClaim, error: str | None = None) -> None:
+        """The claimed bytes are in their pages, or with `error` will never arrive."""
+        expectation, request_id = claim.expectation, claim.chunk.request_id
+        done = None
+        with self._lock:
+            expectation.in_flight -= 1
+            current = self._expected.get(request_id) is expectation
+            if current and error is not None:
+                del self._expected[request_id]
+                worker_metrics().transfer.failed("receive", "transport")
+                _fail(expectation.future, KvTransferError(f"KV chunk lost: {error}"))
+            elif current:
+                expectation.chunks_received += 1
+                expectation.bytes_received += claim.num_bytes
+                if not expectation.in_flight and expectation.pending_done is not None:
+                    done = expectation.pending_done
+                    del self._expected[request_id]
+        self.pool.free(claim.chunk.dst_page_ids)  # the claim's reference: nothing lands now
+        if done is not None:
+            self._close(expectation, done)
+
+    def _check_chunk(self, expectation: _Expectation, chunk: KvChunk) -> tuple[int, ...]:
+        """The shape of the chunk's tensor, once the chunk fits the reservation and pool."""
         pool = self.pool
         # A sender may only write the pages reserved for this very request.
         if not expectation.page_set.issuperset(chunk.dst_page_ids):
@@ -150,7 +249,11 @@ class KvReceiver(ABC):
         if DTYPES_BY_NAME.get(chunk.dtype) != pool.kv.dtype:
             raise ValueError(f"dtype {chunk.dtype} differs from the pool's {pool.kv.dtype}")
         num_layers_sent = chunk.layer_end - chunk.layer_start
-        shape = (num_layers_sent, 2, len(chunk.dst_page_ids), *pool.kv.shape[3:])
+        return (num_layers_sent, 2, len(chunk.dst_page_ids), *pool.kv.shape[3:])
+
+    def _write_chunk(self, expectation: _Expectation, chunk: KvChunk, data: memoryview) -> None:
+        pool = self.pool
+        shape = self._check_chunk(expectation, chunk)
         tensor = torch.frombuffer(data, dtype=pool.kv.dtype)
         if tensor.numel() != torch.Size(shape).numel():
             raise ValueError("chunk size does not match its header")
@@ -184,6 +287,7 @@ class KvSender(ABC):
             )
         if not src_page_ids:
             return 0, 0
+        started = time.perf_counter()
         num_layers = pool.kv.shape[0]
         layer_bytes = pool.page_bytes() // num_layers * len(src_page_ids)
         layers_per_chunk = max(1, min(num_layers, self.target_chunk_bytes // max(layer_bytes, 1)))
@@ -192,9 +296,6 @@ class KvSender(ABC):
         num_chunks = 0
         for layer_start in range(0, num_layers, layers_per_chunk):
             layer_end = min(num_layers, layer_start + layers_per_chunk)
-            # Advanced indexing copies the pages into one contiguous block: the source
-            # pages may be freed and reused while the transport still holds the bytes.
-            block = pool.kv[layer_start:layer_end, :, src_index]
             header = KvChunk(
                 request_id=request_id,
                 layer_start=layer_start,
@@ -205,8 +306,9 @@ class KvSender(ABC):
                 head_dim=pool.kv.shape[5],
                 dtype=DTYPE_NAMES[pool.kv.dtype],
             )
-            sent += self._send_chunk(endpoint, header, block)
+            sent += self._send_chunk_pages(endpoint, header, pool, src_index)
             num_chunks += 1
+        worker_metrics().transfer.sent(sent, len(src_page_ids), time.perf_counter() - started)
         return sent, num_chunks
 
     def send_done(
@@ -216,15 +318,27 @@ class KvSender(ABC):
         endpoint: str,
         num_tokens: int,
         num_chunks: int,
-        first_token_id: int,
-        first_token_logprob: float,
+        first_token_ids: list[int],
+        first_token_logprobs: list[float],
     ) -> None:
         """Closes a request's transfer: every chunk was sent; here is its first token."""
-        done = KvDone(request_id, num_tokens, num_chunks, first_token_id, first_token_logprob)
+        done = KvDone(request_id, num_tokens, num_chunks, first_token_ids, first_token_logprobs)
         self._send_control(endpoint, done)
 
     def abort(self, *, request_id: str, endpoint: str, reason: str) -> None:
         self._send_control(endpoint, KvAbort(request_id, reason))
+
+    def _send_chunk_pages(
+        self, endpoint: str, header: KvChunk, pool: KVPool, src_index: torch.Tensor
+    ) -> int:
+        """Sends the header's layers of the source pages; returns the bytes sent.
+
+        Advanced indexing copies the pages into one contiguous block: the source pages may
+        be freed and reused while the transport still holds the bytes. A backend whose peer
+        reads the pages in place (NIXL) holds the pages instead of copying them.
+        """
+        block = pool.kv[header.layer_start : header.layer_end, :, src_index]
+        return self._send_chunk(endpoint, header, block)
 
     @abstractmethod
     def _send_chunk(self, endpoint: str, header: KvChunk, block: torch.Tensor) -> int: ...

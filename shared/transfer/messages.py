@@ -2,7 +2,7 @@
 
 Each message is a msgpack header, followed for a chunk by one raw tensor frame.
 A request's KV is sent as chunks (one per layer group, so decode can copy while
-prefill still sends) and closed by a KvDone that carries the first token.
+prefill still sends) and closed by a KvDone that carries the first token of each choice.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class KvDone:
     request_id: str
     num_tokens: int
     num_chunks: int
-    first_token_id: int
-    first_token_logprob: float
+    first_token_ids: list[int]  # one per choice of the request
+    first_token_logprobs: list[float]
 
 
 @dataclass(frozen=True)

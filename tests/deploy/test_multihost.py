@@ -46,8 +46,11 @@ def _service_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if len(cmdline) > 3 and cmdline[:3] == ["ip", "netns", "exec"] and \
-                cmdline[3].startswith(tag):
+        if (
+            len(cmdline) > 3
+            and cmdline[:3] == ["ip", "netns", "exec"]
+            and cmdline[3].startswith(tag)
+        ):
             found.append(proc)
     return found
 
@@ -86,6 +89,12 @@ def test_kv_crosses_from_prefill_hosts_to_decode_hosts_not_through_the_gateway(
     assert traffic["redis"]["rx_bytes"] + traffic["redis"]["tx_bytes"] < kv / 20, traffic
 
 
+def test_workers_refuse_a_host_without_the_internal_token(report: Report) -> None:
+    # Every service got the run's token from services.toml (the relay phase needs it on the
+    # gateway and on both ends of the KV channel); a host without it is refused.
+    assert report.tokenless_calls == {"prefill-0": "UNAUTHENTICATED", "decode-0": "UNAUTHENTICATED"}
+
+
 def test_cluster_answers_with_a_prefill_host_cut_off(report: Report) -> None:
     cut = report.phases["cut"]
     assert cut.ok == cut.spec.requests, cut.results
@@ -120,8 +129,13 @@ def test_run_cleans_up_when_a_service_cannot_start(tiny_model: Path, tmp_path: P
     # decode fails at once (a bad flag) while redis runs and the prefill workers start.
     topology = load()
     decode = topology.roles["decode"]
-    broken = replace(topology, roles={**topology.roles, "decode": replace(
-        decode, command=(*decode.command, "--no-such-flag"))})
+    broken = replace(
+        topology,
+        roles={
+            **topology.roles,
+            "decode": replace(decode, command=(*decode.command, "--no-such-flag")),
+        },
+    )
     scenario = MultiHostScenario(tiny_model, 1, tmp_path / "run", topology=broken)
     with pytest.raises(Exception, match="decode-0 exited with code 2"):
         scenario.run()
@@ -134,27 +148,39 @@ def test_a_cut_link_drops_traffic_and_counters_count_bytes() -> None:
     with netns.Network() as network:
         server = network.add_host("server")
         client = network.add_host("client")
-        listener = subprocess.Popen(server.exec_argv(
-            ["python3", "-c", "import socket; s = socket.socket(); "
-             "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-             f"s.bind(('{server.address}', 7000)); s.listen(); "
-             "c, _ = s.accept(); n = 0\nwhile (d := c.recv(65536)): n += len(d)\nprint(n)"]),
-            stdout=subprocess.PIPE, text=True)
+        listener = subprocess.Popen(
+            server.exec_argv(
+                [
+                    "python3",
+                    "-c",
+                    "import socket; s = socket.socket(); "
+                    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                    f"s.bind(('{server.address}', 7000)); s.listen(); "
+                    "c, _ = s.accept(); n = 0\nwhile (d := c.recv(65536)): n += len(d)\nprint(n)",
+                ]
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
-            send = ("import socket, time\nfor _ in range(50):\n try:\n"
-                    f"  s = socket.create_connection(('{server.address}', 7000), 1); break\n"
-                    " except OSError: time.sleep(0.1)\n"
-                    "s.sendall(b'x' * 1_000_000); s.close()")
+            send = (
+                "import socket, time\nfor _ in range(50):\n try:\n"
+                f"  s = socket.create_connection(('{server.address}', 7000), 1); break\n"
+                " except OSError: time.sleep(0.1)\n"
+                "s.sendall(b'x' * 1_000_000); s.close()"
+            )
             before = network.counters(server)
             subprocess.run(client.exec_argv(["python3", "-c", send]), check=True, timeout=30)
             out, _ = listener.communicate(timeout=30)
             assert int(out) == 1_000_000
             assert network.counters(server).rx_bytes - before.rx_bytes >= 1_000_000
             network.cut(server)
-            probe = ("import socket\ntry:\n"
-                     f" socket.create_connection(('{server.address}', 7000), 1)\n"
-                     "except TimeoutError: raise SystemExit(3)\n"
-                     "except OSError: raise SystemExit(4)")
+            probe = (
+                "import socket\ntry:\n"
+                f" socket.create_connection(('{server.address}', 7000), 1)\n"
+                "except TimeoutError: raise SystemExit(3)\n"
+                "except OSError: raise SystemExit(4)"
+            )
             result = subprocess.run(client.exec_argv(["python3", "-c", probe]), timeout=30)
             # No answer at all through a cut link: not even the refusal of a closed port.
             assert result.returncode == 3

@@ -27,8 +27,9 @@ def topology() -> Topology:
 
 
 def parse(profile: str) -> dict[str, Any]:
-    document: dict[str, Any] = pygohcl.loads((NOMAD_DIR / f"kvrelay-{profile}.nomad.hcl")
-                                             .read_text())
+    document: dict[str, Any] = pygohcl.loads(
+        (NOMAD_DIR / f"kvrelay-{profile}.nomad.hcl").read_text()
+    )
     return document
 
 
@@ -124,8 +125,11 @@ def _check_group(profile: str, topology: Topology, role: Role, group: dict[str, 
         assert group["volume"]["models"]["read_only"] is True, where
         mounts = {m["volume"]: m for m in as_list(task["volume_mount"])}
         assert mounts["cache"]["destination"] == "var.cache_dir", where
-        assert mounts["models"] == {"volume": "models", "destination": "/models",
-                                    "read_only": True}, where
+        assert mounts["models"] == {
+            "volume": "models",
+            "destination": "/models",
+            "read_only": True,
+        }, where
     else:
         assert config["image"] == role.image, where
         assert [config["command"], *config["args"]][0] == role.command[0], where
@@ -154,7 +158,12 @@ def _check_group(profile: str, topology: Topology, role: Role, group: dict[str, 
                     assert f"var.{arg}" in env[name], where
     if data:
         assert template["env"] is True and template["change_mode"] == "restart", where
-    assert "KVRELAY_API_KEY" not in env, where
+    if f'nomadVar "{SECRETS_PATH}"' in data:
+        # A missing key (the internal token) fails the task rather than starting it without.
+        assert template["error_on_missing_key"] is True, where
+    for param in topology.params.values():
+        if param.secret:
+            assert param.env not in env, f"{where}: {param.env} in plain env"
 
     resources = task["resources"]
     assert resources["cpu"] == role.resources.cpu_mhz, where
@@ -178,3 +187,27 @@ def test_gateway_finds_workers_through_the_service_registry() -> None:
     data = task["template"]["data"]
     assert 'KVRELAY_PREFILL_ADDRS={{ range $i, $s := nomadService "kvrelay-prefill" }}' in data
     assert 'KVRELAY_DECODE_ADDRS={{ range $i, $s := nomadService "kvrelay-decode" }}' in data
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_kvrelay_task_reads_the_internal_token_from_nomad_variables(
+    profile: str, topology: Topology
+) -> None:
+    groups = parse(profile)["job"][JOB]["group"]
+    line = (
+        f'KVRELAY_INTERNAL_TOKEN={{{{ with nomadVar "{SECRETS_PATH}" }}}}{{{{ .internal_token }}}}'
+    )
+    for role in topology.roles.values():
+        data = groups[role.name]["task"][role.name].get("template", {}).get("data", "")
+        assert (line in data) == role.is_kvrelay, role.name
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_header_says_which_secrets_to_put(profile: str, topology: Topology) -> None:
+    text = (NOMAD_DIR / f"kvrelay-{profile}.nomad.hcl").read_text()
+    put = next(line for line in text.splitlines() if "nomad var put" in line)
+    path, *items = put.split("nomad var put", 1)[1].split()
+    assert path == SECRETS_PATH, put
+    assert {item.split("=")[0] for item in items} == {
+        name for name, p in topology.params.items() if p.secret
+    }, put

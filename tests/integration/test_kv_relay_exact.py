@@ -90,7 +90,7 @@ def test_relayed_pages_equal_single_process_kv(
         local_runner.pool.free(local_pages)
 
     assert result.num_tokens == len(prompt)
-    assert result.first_token_id == response.first_token_id == int(logits[0].argmax())
+    assert result.first_token_ids == list(response.first_token_ids) == [int(logits[0].argmax())]
     page_size = geometry[3]
     relayed = decode_pool.kv[:, :, reserved].flatten(2, 3)[:, :, : len(prompt)]
     expected = expected_kv.flatten(2, 3)[:, :, : len(prompt)]

@@ -84,10 +84,10 @@ def _relay(engine: PrefillEngine, decode_pool: KVPool, receiver: KvReceiver,
     results = []
     for prompt, pages, arrival, outcome_future in jobs:
         outcome = outcome_future.result(timeout=60)
-        assert arrival.result(timeout=30).first_token_id == outcome.first_token_id
+        assert arrival.result(timeout=30).first_token_ids == outcome.first_token_ids
         kv = decode_pool.kv[:, :, pages].flatten(2, 3)[:, :, : len(prompt)].clone()
         decode_pool.free(pages)
-        results.append((kv, outcome.first_token_id, outcome.cached_tokens))
+        results.append((kv, outcome.first_token_ids[0], outcome.cached_tokens))
     return results
 
 

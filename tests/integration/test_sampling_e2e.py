@@ -112,7 +112,7 @@ def generate_ids(cluster: Cluster, prompt_ids: list[int], params: SamplingParams
                                   sampling=sampling, kv_target=reserved.reserved),
                 timeout=RPC_TIMEOUT_S,
             )
-            answer = [first.first_token_id]
+            answer = list(first.first_token_ids)
             for event in stream:
                 answer.extend(event.tokens.token_ids)
                 if event.tokens.finish_reason:

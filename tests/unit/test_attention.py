@@ -78,3 +78,20 @@ def test_metadata_layout() -> None:
     assert meta.positions.tolist() == [5, 6, 7, 0, 1]
     # positions 5,6,7 -> page 2 (index 1), offsets 1,2,3; positions 0,1 -> page 4.
     assert meta.slot_mapping.tolist() == [2 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 16, 17]
+
+
+def test_batched_decode_in_bfloat16_matches_float32() -> None:
+    """bfloat16 caches: the decode path (computed in float32 on CPU) returns bfloat16 values
+    equal to float32 attention over the same bfloat16 numbers, within bfloat16 rounding."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = [9, 16, 3, 30]
+    pages = [[4 * i + j for j in range(-(-n // PAGE))] for i, n in enumerate([16, 16, 4, 32])]
+    k_cache = torch.randn(40, PAGE, KV_HEADS, DIM, generator=gen).bfloat16()
+    v_cache = torch.randn(40, PAGE, KV_HEADS, DIM, generator=gen).bfloat16()
+    q = torch.randn(len(lengths), HEADS, DIM, generator=gen).bfloat16()
+    meta = AttentionMetadata.build([n - 1 for n in lengths], [1] * len(lengths), pages, PAGE)
+    scale = DIM**-0.5
+    out = paged_attention(q, k_cache, v_cache, meta, scale)
+    ref = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)

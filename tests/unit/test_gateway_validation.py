@@ -196,14 +196,15 @@ def test_malformed_json_is_400(client: TestClient, raw: bytes) -> None:
 
 
 def test_unsupported_options_are_400(client: TestClient) -> None:
-    resp = client.post(CHAT, json={"model": MODEL, "messages": HELLO, "n": 2})
-    assert "not supported yet" in assert_openai_error(resp, 400, "n")
+    for n in (0, 129):  # parallel sampling: 1 to 128 choices
+        assert_openai_error(client.post(CHAT, json={"model": MODEL, "messages": HELLO, "n": n}),
+                            400, "n")
     resp = client.post(COMPLETIONS, json={"model": MODEL, "prompt": ["a", "b"]})
     assert "not supported yet" in assert_openai_error(resp, 400, "prompt")
     resp = client.post(COMPLETIONS, json={"model": MODEL, "prompt": [[1, 2], [3]]})
     assert "not supported yet" in assert_openai_error(resp, 400, "prompt")
-    resp = client.post(CHAT, json={"model": MODEL, "messages": HELLO, "logprobs": True})
-    assert "not supported yet" in assert_openai_error(resp, 400, "logprobs")
+    resp = client.post(CHAT, json={"model": MODEL, "messages": HELLO, "top_logprobs": 2})
+    assert_openai_error(resp, 400, "top_logprobs")  # only with logprobs: true
 
 
 def test_bad_token_ids_are_400(client: TestClient) -> None:

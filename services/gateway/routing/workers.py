@@ -117,7 +117,9 @@ class WorkerDirectory:
         client = view.client
         stub = client.prefill_stub() if client.role == "prefill" else client.decode_stub()
         try:
-            info = await stub.GetInfo(pb.WorkerInfoRequest(), timeout=INFO_TIMEOUT_S)
+            info = await stub.GetInfo(
+                pb.WorkerInfoRequest(), timeout=INFO_TIMEOUT_S, metadata=client.metadata()
+            )
         except grpc.aio.AioRpcError as exc:
             logger.debug("%r: GetInfo failed: %s", client, exc.code().name)
             return

@@ -1,0 +1,1 @@
+"""LoRA adapters across services: the workers' admin calls, the gateway's catalog."""

@@ -1,0 +1,222 @@
+"""One decoder-only transformer for every supported family, over the paged KV pool.
+
+Llama, Mistral, Qwen2, Qwen3 and Qwen3-MoE share their layout (pre-norm RMSNorm blocks,
+rotary attention with grouped KV heads, SiLU-gated MLP) and their tensor names; what sets
+them apart is a short `FamilySpec` (plus what the config says: biases, sliding windows,
+rope scaling, experts). Weights are plain tensors loaded from safetensors (no transformers
+modeling code); numerics follow transformers' op order: RMSNorm in float32, rotary with the
+rotate_half layout. q/k/v and gate/up projections are fused into single matmuls for speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention import AttentionMetadata, paged_attention, store_kv
+from shared.model.config import ModelConfig
+from shared.model.lora_slots import O_PROJ, QKV, LoraBatch
+from shared.model.mlp import DenseMlp, MoeMlp
+from shared.model.rope import apply_rotary, rotary_tables
+from shared.model.weights import Checkpoint, load_safetensors
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a family adds to the common decoder, as transformers' modeling file has it."""
+
+    qkv_bias: bool = False  # q/k/v biases whatever the config says (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each q and k head before rotary (Qwen3)
+    sliding_window: bool = False  # honours the config's sliding window (Llama does not)
+    moe: bool = False  # sparse layers route to experts (config's num_experts...)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 whatever the model dtype, then scale in the model dtype (as HF).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@dataclass
+class DecoderLayer:
+    attn_norm: torch.Tensor
+    qkv_w: torch.Tensor  # [(H + 2*KVH) * head_dim, hidden]
+    qkv_b: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # [H + KVH, head_dim]: q_norm for q heads, k_norm for k
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    mlp: DenseMlp | MoeMlp
+    window: int | None  # sliding-window length, None for full attention
+
+
+class DecoderModel:
+    """A family is a subclass that sets `spec`; the registry maps architectures to them."""
+
+    spec: ClassVar[FamilySpec] = FamilySpec()
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        """Build from a checkpoint state dict (consumed: entries are popped to save memory)."""
+        if config.num_heads % config.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if config.hidden_act != "silu":
+            raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported")
+        if self.spec.moe and config.moe is None:
+            raise ValueError(f"{config.architecture} config has no experts (num_experts)")
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        ckpt = Checkpoint(state, dtype, self.device)
+        self.embed = ckpt.take("model.embed_tokens.weight")
+        self.layers = [self._load_layer(ckpt, i) for i in range(config.num_layers)]
+        self.norm = ckpt.take("model.norm.weight")
+        # Tied checkpoints usually omit lm_head; when present it equals the embedding.
+        head = ckpt.maybe("lm_head.weight")
+        if head is None and not config.tie_word_embeddings:
+            raise KeyError("checkpoint is missing tensor 'lm_head.weight'")
+        self.lm_head = self.embed if config.tie_word_embeddings or head is None else head
+        ckpt.check_all_used(config.architecture)
+        self.cos, self.sin = rotary_tables(
+            config.head_dim,
+            config.rope_theta,
+            config.rope_scaling,
+            config.max_context,
+            dtype,
+            self.device,
+        )
+        self.scale = config.head_dim**-0.5
+        # Routed experts (SGLang's return_routed_experts): with `record_routing` on, every
+        # forward leaves in `routed_experts` the experts each new token went to, per layer:
+        # [total_new, num_layers, top_k] int32, -1 in layers with a dense MLP.
+        self.record_routing = False
+        self.routed_experts: torch.Tensor | None = None
+
+    def _load_layer(self, ckpt: Checkpoint, i: int) -> DecoderLayer:
+        cfg, spec = self.config, self.spec
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        qkv_bias = spec.qkv_bias or cfg.attention_bias
+        biases = [ckpt.take_if(qkv_bias, f"{a}{n}_proj.bias") for n in "qkv"]
+        qk_norm = None
+        if spec.qk_norm:
+            # One weight row per head, so q and k heads are normalised in one pass.
+            q_norm, k_norm = ckpt.take(a + "q_norm.weight"), ckpt.take(a + "k_norm.weight")
+            qk_norm = torch.cat(
+                [q_norm.expand(cfg.num_heads, -1), k_norm.expand(cfg.num_kv_heads, -1)]
+            )
+        mlp: DenseMlp | MoeMlp
+        if spec.moe and cfg.moe is not None and cfg.moe.is_sparse(i):
+            mlp = MoeMlp.load(ckpt, p + "mlp.", cfg.moe)
+        else:
+            mlp = DenseMlp.load(ckpt, p + "mlp.", bias=cfg.mlp_bias)
+        return DecoderLayer(
+            attn_norm=ckpt.take(p + "input_layernorm.weight"),
+            qkv_w=torch.cat([ckpt.take(f"{a}{n}_proj.weight") for n in "qkv"]),
+            qkv_b=torch.cat([b for b in biases if b is not None]) if qkv_bias else None,
+            qk_norm=qk_norm,
+            o_w=ckpt.take(a + "o_proj.weight"),
+            o_b=ckpt.take_if(cfg.attention_bias, a + "o_proj.bias"),
+            mlp_norm=ckpt.take(p + "post_attention_layernorm.weight"),
+            mlp=mlp,
+            window=cfg.window_of(i) if spec.sliding_window else None,
+        )
+
+    @classmethod
+    def from_dir(
+        cls,
+        model_dir: Path | str,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> DecoderModel:
+        model_dir = Path(model_dir)
+        return cls(ModelConfig.from_dir(model_dir), load_safetensors(model_dir), dtype, device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: torch.Tensor,
+        last_idx: torch.Tensor,
+        lora: LoraBatch | None = None,
+        hidden: bool = False,
+    ) -> torch.Tensor:
+        """Run new tokens through the model, storing their K/V in `kv`'s pages.
+
+        input_ids: [total_new] flattened over sequences (layout in `meta`);
+        kv: the pool tensor [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim];
+        last_idx: [num_seqs] index into input_ids of each sequence's last new token;
+        lora: the LoRA adapters of the rows, if any row has one.
+        Returns float32 logits [num_seqs, vocab]; with `hidden`, the final-norm hidden
+        states at last_idx instead (float32 [len(last_idx), hidden]: embeddings).
+        """
+        cfg = self.config
+        t = input_ids.shape[0]
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qk_dim = (nh + nkv) * hd
+        eps = cfg.rms_norm_eps
+        # Recording needs every token through the last MLP, not only each sequence's last.
+        routed = self._routing_buffer(t)
+        last_layer = -1 if routed is not None else len(self.layers) - 1
+        # One table lookup per step, shared by all layers; broadcasts over heads.
+        cos = self.cos.index_select(0, meta.positions).unsqueeze(1)
+        sin = self.sin.index_select(0, meta.positions).unsqueeze(1)
+
+        h = F.embedding(input_ids, self.embed)
+        for li, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.attn_norm, eps)
+            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+            if lora is not None:
+                lora.add(li, QKV, x, qkv)
+            qk = qkv[:, :qk_dim].view(t, nh + nkv, hd)
+            if layer.qk_norm is not None:
+                qk = rms_norm(qk, layer.qk_norm, eps)
+            # Rotate q and k heads together in one pass.
+            qk = apply_rotary(qk, cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+            v = qkv[:, qk_dim:].view(t, nkv, hd)
+            k_cache, v_cache = kv[li, 0], kv[li, 1]
+            store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            attn = paged_attention(q, k_cache, v_cache, meta, self.scale, layer.window)
+            attn = attn.reshape(t, nh * hd)
+            if li == last_layer:
+                # From here on rows are independent: only each sequence's last token matters.
+                h, attn = h.index_select(0, last_idx), attn.index_select(0, last_idx)
+                lora = lora.select(last_idx) if lora is not None else None
+            o = F.linear(attn, layer.o_w, layer.o_b)
+            if lora is not None:
+                lora.add(li, O_PROJ, attn, o)
+            h = h + o
+            x = rms_norm(h, layer.mlp_norm, eps)
+            if isinstance(layer.mlp, MoeMlp):
+                routing = layer.mlp.route(x)
+                if routed is not None:
+                    routed[:, li] = routing.expert_ids
+                h = h + layer.mlp.mix(x, routing)
+            else:
+                h = h + layer.mlp(x, lora, li)
+
+        if routed is not None:
+            self.routed_experts = routed
+            h = h.index_select(0, last_idx)
+        h = rms_norm(h, self.norm, eps)
+        if hidden:
+            return h.float()
+        return F.linear(h, self.lm_head).float()
+
+    def _routing_buffer(self, num_tokens: int) -> torch.Tensor | None:
+        moe = self.config.moe
+        if not self.record_routing or moe is None or not self.spec.moe:
+            return None
+        shape = (num_tokens, self.config.num_layers, moe.top_k)
+        return torch.full(shape, -1, dtype=torch.int32, device=self.device)
