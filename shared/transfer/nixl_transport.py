@@ -196,6 +196,14 @@ class NixlKvSender(ZmqKvSender):
             self._release(ticket)
 
     def close(self) -> None:
+        # Pages decode has yet to read stay registered a while (a draining worker's last
+        # requests), bounded by the send timeout.
+        deadline = time.monotonic() + self._send_timeout_s
+        while time.monotonic() < deadline:
+            with self._held_lock:
+                if not self._held:
+                    break
+            time.sleep(0.01)
         self._closing.set()
         self._wake.set()
         self._thread.join(timeout=5)

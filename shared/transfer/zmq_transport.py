@@ -122,7 +122,8 @@ class _Peer:
 
 class ZmqKvSender(KvSender):
     def __init__(self, send_timeout_s: float = 3.0, curve: CurveKeys | None = None) -> None:
-        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        # A context of its own: closing it waits for the KV already queued (see close()).
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._peers: dict[str, _Peer] = {}
         self._send_timeout_s = send_timeout_s
         self._curve = curve
@@ -188,16 +189,20 @@ class ZmqKvSender(KvSender):
         worker_metrics().transfer.failed("send", "unreachable")
         raise KvTransferError(f"decode worker at {endpoint} {failure} ({reason})")
 
-    def _drop(self, endpoint: str) -> None:
+    def _drop(self, endpoint: str, linger_s: float = 0.0) -> None:
         peer = self._peers.pop(endpoint, None)
         if peer is not None:
             peer.socket.disable_monitor()
             peer.monitor.close()
-            peer.socket.close()
+            peer.socket.close(linger=int(linger_s * 1000))
 
     def close(self) -> None:
+        """Stops sending. KV already queued still goes out (within the send timeout): a
+        worker that stops right after a prefill, as a draining one does, must not drop the
+        last chunks of a request it reported done."""
         for endpoint in list(self._peers):
-            self._drop(endpoint)
+            self._drop(endpoint, linger_s=self._send_timeout_s)
+        self._context.term()  # returns once the queues are empty or their linger ran out
 
 
 _CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
