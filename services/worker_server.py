@@ -33,6 +33,7 @@ from shared.prefix_cache import PrefixCache
 from shared.rpc import kvrelay_pb2_grpc as pb_grpc
 from shared.transfer import make_receiver, make_sender
 from shared.transfer.local_transport import LocalKvReceiver
+from shared.transfer.zmq_transport import flush_queued_kv
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,10 @@ async def _serve(config: WorkerConfig) -> int:
     log.info("%s worker %s stopping", config.role, config.worker_id)
     await server.stop(grace=1)
     service.close()
+    if not await asyncio.to_thread(flush_queued_kv, config.kv_send_timeout_s):
+        log.warning("%s worker %s: ZeroMQ not done after %.0f s (KV still queued, or a "
+                    "socket left open); exiting anyway",
+                    config.role, config.worker_id, config.kv_send_timeout_s)
     if announcer is not None:
         announcer.close()
     if metrics_server is not None:

@@ -122,8 +122,7 @@ class _Peer:
 
 class ZmqKvSender(KvSender):
     def __init__(self, send_timeout_s: float = 3.0, curve: CurveKeys | None = None) -> None:
-        # A context of its own: closing it waits for the KV already queued (see close()).
-        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._peers: dict[str, _Peer] = {}
         self._send_timeout_s = send_timeout_s
         self._curve = curve
@@ -197,12 +196,23 @@ class ZmqKvSender(KvSender):
             peer.socket.close(linger=int(linger_s * 1000))
 
     def close(self) -> None:
-        """Stops sending. KV already queued still goes out (within the send timeout): a
-        worker that stops right after a prefill, as a draining one does, must not drop the
-        last chunks of a request it reported done."""
+        # KV already queued keeps going out (within the send timeout) while the process
+        # lives; flush_queued_kv() waits for it before a worker exits.
         for endpoint in list(self._peers):
             self._drop(endpoint, linger_s=self._send_timeout_s)
-        self._context.term()  # returns once the queues are empty or their linger ran out
+
+
+def flush_queued_kv(timeout_s: float) -> bool:
+    """Before a worker process exits: waits up to timeout_s for the messages its closed
+    sockets still queue (a draining prefill's last KV) to go out. True when they did.
+
+    Terminating the shared context waits for exactly that; it runs in a daemon thread so a
+    socket left open can only cost the timeout, never hang the exit.
+    """
+    terminate = threading.Thread(target=zmq.Context.instance().term, daemon=True)
+    terminate.start()
+    terminate.join(timeout_s)
+    return not terminate.is_alive()
 
 
 _CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
