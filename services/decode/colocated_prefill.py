@@ -20,6 +20,7 @@ from services.prefill import embed
 from services.worker_info import worker_info
 from shared.config import WorkerConfig
 from shared.kv_pool import KVPoolExhausted
+from shared.model.runner import ModelRunner
 from shared.rpc import kvrelay_pb2 as pb
 from shared.rpc import kvrelay_pb2_grpc as pb_grpc
 from shared.rpc.convert import sampling_from_pb, top_logprobs_to_pb
@@ -36,7 +37,7 @@ def _int32_bytes(chunks: list[torch.Tensor] | None) -> bytes:
     return torch.cat(chunks).numpy().astype("<i4", copy=False).tobytes()
 
 
-class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
+class ColocatedPrefillService(lora_rpc.LoraAdminServicer, pb_grpc.PrefillWorkerServicer):
     def __init__(
         self,
         config: WorkerConfig,
@@ -130,20 +131,8 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
             engine.chunked_prefill_size,
         )
 
-    async def LoadLoraAdapter(
-        self, request: pb.LoadLoraAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoraAdapterList:
-        return await lora_rpc.load(self.engine.runner, request, context)
-
-    async def UnloadLoraAdapter(
-        self, request: pb.UnloadLoraAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoraAdapterList:
-        return await lora_rpc.unload(self.engine.runner, request, context)
-
-    async def ListLoraAdapters(
-        self, request: pb.ListLoraAdaptersRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoraAdapterList:
-        return lora_rpc.adapter_list(self.engine.runner.lora)
+    def lora_runner(self) -> ModelRunner:
+        return self.engine.runner
 
     async def GetInfo(
         self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext

@@ -15,6 +15,7 @@ from services.decode.parallel_sampling import fork_pages, pages_to_reserve
 from services.lora import worker_rpc as lora_rpc
 from services.worker_info import worker_info
 from shared.config import WorkerConfig
+from shared.model.runner import ModelRunner
 from shared.observability.request_id import bind_grpc_call
 from shared.observability.worker_metrics import worker_metrics
 from shared.rpc import kvrelay_pb2 as pb
@@ -25,7 +26,7 @@ from shared.transfer import KvReceiver, KvTransferError
 log = logging.getLogger(__name__)
 
 
-class DecodeService(pb_grpc.DecodeWorkerServicer):
+class DecodeService(lora_rpc.LoraAdminServicer, pb_grpc.DecodeWorkerServicer):
     def __init__(
         self, config: WorkerConfig, engine: DecodeEngine, receiver: KvReceiver, model_name: str
     ) -> None:
@@ -185,20 +186,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             for choice_pages in owned:
                 pool.free(choice_pages)
 
-    async def LoadLoraAdapter(
-        self, request: pb.LoadLoraAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoraAdapterList:
-        return await lora_rpc.load(self.engine.runner, request, context)
-
-    async def UnloadLoraAdapter(
-        self, request: pb.UnloadLoraAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoraAdapterList:
-        return await lora_rpc.unload(self.engine.runner, request, context)
-
-    async def ListLoraAdapters(
-        self, request: pb.ListLoraAdaptersRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoraAdapterList:
-        return lora_rpc.adapter_list(self.engine.runner.lora)
+    def lora_runner(self) -> ModelRunner:
+        return self.engine.runner
 
     async def GetInfo(
         self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext

@@ -91,3 +91,26 @@ def load_startup_adapters(runner: ModelRunner, lora_paths: list[tuple[str, str]]
     for name, path in lora_paths:
         adapter = runner.lora.load(name, path)
         log.info("LoRA adapter %s from %s (rank %d)", name, adapter.path, adapter.rank)
+
+
+class LoraAdminServicer:
+    """The LoRA admin calls of a worker, shared by the prefill, decode and colocated
+    servicers (mixed in before their generated base class)."""
+
+    def lora_runner(self) -> ModelRunner:
+        raise NotImplementedError
+
+    async def LoadLoraAdapter(
+        self, request: pb.LoadLoraAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoraAdapterList:
+        return await load(self.lora_runner(), request, context)
+
+    async def UnloadLoraAdapter(
+        self, request: pb.UnloadLoraAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoraAdapterList:
+        return await unload(self.lora_runner(), request, context)
+
+    async def ListLoraAdapters(
+        self, request: pb.ListLoraAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoraAdapterList:
+        return adapter_list(self.lora_runner().lora)

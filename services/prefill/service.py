@@ -14,6 +14,7 @@ from services.prefill.engine import KvDestination, PrefillEngine, PrefillJob
 from services.worker_info import worker_info
 from shared.config import WorkerConfig
 from shared.kv_pool import KVPoolExhausted
+from shared.model.runner import ModelRunner
 from shared.observability.request_id import bind_grpc_call
 from shared.observability.worker_metrics import worker_metrics
 from shared.rpc import kvrelay_pb2 as pb
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class PrefillService(pb_grpc.PrefillWorkerServicer):
+class PrefillService(lora_rpc.LoraAdminServicer, pb_grpc.PrefillWorkerServicer):
     def __init__(
         self,
         config: WorkerConfig,
@@ -138,20 +139,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             cached_pages=self.engine.cache.num_idle_pages(),
         )
 
-    async def LoadLoraAdapter(
-        self, request: pb.LoadLoraAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoraAdapterList:
-        return await lora_rpc.load(self.engine.runner, request, context)
-
-    async def UnloadLoraAdapter(
-        self, request: pb.UnloadLoraAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoraAdapterList:
-        return await lora_rpc.unload(self.engine.runner, request, context)
-
-    async def ListLoraAdapters(
-        self, request: pb.ListLoraAdaptersRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoraAdapterList:
-        return lora_rpc.adapter_list(self.engine.runner.lora)
+    def lora_runner(self) -> ModelRunner:
+        return self.engine.runner
 
     def _report_load(self, queued_delta: int) -> None:
         self._queued_tokens += queued_delta
