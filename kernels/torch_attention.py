@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,13 +26,16 @@ def torch_paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    seqs: Iterable[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`window`: a query at position p sees keys p - window + 1 .. p only (sliding window)."""
+    """`window`: a query at position p sees keys p - window + 1 .. p only (sliding window).
+    `seqs`: compute only these sequences' rows (of `out`, when given); default all."""
     gqa = q.shape[1] != k_cache.shape[2]
-    if meta.decode_only and meta.num_seqs > 1:
+    if seqs is None and meta.decode_only and meta.num_seqs > 1:
         return _decode_batch(q, k_cache, v_cache, meta, scale, gqa, window)
-    out = torch.empty_like(q)
-    for i in range(meta.num_seqs):
+    out = torch.empty_like(q) if out is None else out
+    for i in range(meta.num_seqs) if seqs is None else seqs:
         start, n = meta.start_pos[i], meta.num_new[i]
         lo, hi = meta.cu_new[i], meta.cu_new[i + 1]
         total = start + n

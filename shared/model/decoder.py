@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kernels.attention import AttentionMetadata, paged_attention, store_kv
 from shared.model.config import ModelConfig
+from shared.model.linear import Linear
 from shared.model.lora_slots import O_PROJ, QKV, LoraBatch
 from shared.model.mlp import DenseMlp, MoeMlp
 from shared.model.rope import apply_rotary, rotary_tables
@@ -45,11 +46,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass
 class DecoderLayer:
     attn_norm: torch.Tensor
-    qkv_w: torch.Tensor  # [(H + 2*KVH) * head_dim, hidden]
-    qkv_b: torch.Tensor | None
+    qkv: Linear  # [(H + 2*KVH) * head_dim, hidden]
     qk_norm: torch.Tensor | None  # [H + KVH, head_dim]: q_norm for q heads, k_norm for k
-    o_w: torch.Tensor
-    o_b: torch.Tensor | None
+    o: Linear
     mlp_norm: torch.Tensor
     mlp: DenseMlp | MoeMlp
     window: int | None  # sliding-window length, None for full attention
@@ -85,7 +84,8 @@ class DecoderModel:
         head = ckpt.maybe("lm_head.weight")
         if head is None and not config.tie_word_embeddings:
             raise KeyError("checkpoint is missing tensor 'lm_head.weight'")
-        self.lm_head = self.embed if config.tie_word_embeddings or head is None else head
+        tied = config.tie_word_embeddings or head is None
+        self.lm_head = Linear(self.embed if tied or head is None else head)
         ckpt.check_all_used(config.architecture)
         self.cos, self.sin = rotary_tables(
             config.head_dim,
@@ -122,11 +122,14 @@ class DecoderModel:
             mlp = DenseMlp.load(ckpt, p + "mlp.", bias=cfg.mlp_bias)
         return DecoderLayer(
             attn_norm=ckpt.take(p + "input_layernorm.weight"),
-            qkv_w=torch.cat([ckpt.take(f"{a}{n}_proj.weight") for n in "qkv"]),
-            qkv_b=torch.cat([b for b in biases if b is not None]) if qkv_bias else None,
+            qkv=Linear(
+                torch.cat([ckpt.take(f"{a}{n}_proj.weight") for n in "qkv"]),
+                torch.cat([b for b in biases if b is not None]) if qkv_bias else None,
+            ),
             qk_norm=qk_norm,
-            o_w=ckpt.take(a + "o_proj.weight"),
-            o_b=ckpt.take_if(cfg.attention_bias, a + "o_proj.bias"),
+            o=Linear(
+                ckpt.take(a + "o_proj.weight"), ckpt.take_if(cfg.attention_bias, a + "o_proj.bias")
+            ),
             mlp_norm=ckpt.take(p + "post_attention_layernorm.weight"),
             mlp=mlp,
             window=cfg.window_of(i) if spec.sliding_window else None,
@@ -175,7 +178,7 @@ class DecoderModel:
         h = F.embedding(input_ids, self.embed)
         for li, layer in enumerate(self.layers):
             x = rms_norm(h, layer.attn_norm, eps)
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+            qkv = layer.qkv(x)
             if lora is not None:
                 lora.add(li, QKV, x, qkv)
             qk = qkv[:, :qk_dim].view(t, nh + nkv, hd)
@@ -193,7 +196,7 @@ class DecoderModel:
                 # From here on rows are independent: only each sequence's last token matters.
                 h, attn = h.index_select(0, last_idx), attn.index_select(0, last_idx)
                 lora = lora.select(last_idx) if lora is not None else None
-            o = F.linear(attn, layer.o_w, layer.o_b)
+            o = layer.o(attn)
             if lora is not None:
                 lora.add(li, O_PROJ, attn, o)
             h = h + o
@@ -212,7 +215,7 @@ class DecoderModel:
         h = rms_norm(h, self.norm, eps)
         if hidden:
             return h.float()
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
     def _routing_buffer(self, num_tokens: int) -> torch.Tensor | None:
         moe = self.config.moe

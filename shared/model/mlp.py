@@ -13,38 +13,44 @@ import torch
 import torch.nn.functional as F
 
 from shared.model.config import MoeConfig
+from shared.model.linear import Linear
 from shared.model.lora_slots import DOWN, GATE_UP, LoraBatch
 from shared.model.weights import Checkpoint
 
 
+def take_gate_up(ckpt: Checkpoint, prefix: str) -> torch.Tensor:
+    """[2 * intermediate, hidden]: gate and up stacked, for one matmul."""
+    return torch.cat([ckpt.take(f"{prefix}gate_proj.weight"), ckpt.take(f"{prefix}up_proj.weight")])
+
+
 @dataclass
 class DenseMlp:
-    gate_up_w: torch.Tensor  # [2 * intermediate, hidden]: gate and up in one matmul
-    gate_up_b: torch.Tensor | None
-    down_w: torch.Tensor
-    down_b: torch.Tensor | None
+    gate_up: Linear  # gate and up in one matmul
+    down: Linear
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, bias: bool = False) -> DenseMlp:
         gate_b, up_b = (ckpt.take_if(bias, f"{prefix}{n}_proj.bias") for n in ("gate", "up"))
         return cls(
-            gate_up_w=torch.cat(
-                [ckpt.take(f"{prefix}gate_proj.weight"), ckpt.take(f"{prefix}up_proj.weight")]
+            gate_up=Linear(
+                take_gate_up(ckpt, prefix),
+                None if gate_b is None or up_b is None else torch.cat([gate_b, up_b]),
             ),
-            gate_up_b=None if gate_b is None or up_b is None else torch.cat([gate_b, up_b]),
-            down_w=ckpt.take(f"{prefix}down_proj.weight"),
-            down_b=ckpt.take_if(bias, f"{prefix}down_proj.bias"),
+            down=Linear(
+                ckpt.take(f"{prefix}down_proj.weight"),
+                ckpt.take_if(bias, f"{prefix}down_proj.bias"),
+            ),
         )
 
     def __call__(
         self, x: torch.Tensor, lora: LoraBatch | None = None, layer: int = 0
     ) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up_w, self.gate_up_b)
+        gate_up = self.gate_up(x)
         if lora is not None:
             lora.add(layer, GATE_UP, x, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate) * up
-        out = F.linear(act, self.down_w, self.down_b)
+        out = self.down(act)
         if lora is not None:
             lora.add(layer, DOWN, act, out)
         return out
@@ -74,9 +80,9 @@ class MoeMlp:
             gate_up, down = ckpt.take(experts + "gate_up_proj"), ckpt.take(experts + "down_proj")
         else:
             # Hub checkpoints: one gate/up/down triple per expert.
-            per_expert = [DenseMlp.load(ckpt, f"{experts}{e}.") for e in range(moe.num_experts)]
-            gate_up = torch.stack([m.gate_up_w for m in per_expert])
-            down = torch.stack([m.down_w for m in per_expert])
+            ids = range(moe.num_experts)
+            gate_up = torch.stack([take_gate_up(ckpt, f"{experts}{e}.") for e in ids])
+            down = torch.stack([ckpt.take(f"{experts}{e}.down_proj.weight") for e in ids])
         want = (moe.num_experts, 2 * moe.intermediate_size)
         if tuple(gate_up.shape[:2]) != want:
             raise ValueError(f"{experts}: expert weights {tuple(gate_up.shape)} do not fit {moe}")

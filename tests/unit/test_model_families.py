@@ -55,7 +55,7 @@ def _no_qk_norm(model: DecoderModel) -> None:
 
 def _no_biases(model: DecoderModel) -> None:
     for layer in model.layers:
-        layer.qkv_b = layer.o_b = None
+        layer.qkv.bias = layer.o.bias = None
 
 
 def _no_topk_renorm(model: DecoderModel) -> None:
@@ -193,7 +193,7 @@ def test_architecture_loads_as_its_family(variant: Variant, model_dir: Path) -> 
     model = load_model(model_dir, torch.float32)
     assert type(model) is variant.model_cls
     assert isinstance(model, DecoderModel)
-    assert (model.lm_head is model.embed) == cfg["tie_word_embeddings"]
+    assert (model.lm_head.weight is model.embed) == cfg["tie_word_embeddings"]
     if "max_shard_size" in variant.build:
         index = json.loads((model_dir / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) > 1

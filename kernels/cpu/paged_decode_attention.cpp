@@ -1,0 +1,249 @@
+// Decode attention over the paged KV cache, one new token per sequence, on the CPU.
+//
+// Reads each sequence's K/V rows where they lie in the pool (no gather into a padded copy,
+// which costs as much memory traffic as the attention itself) and accumulates in float32
+// whatever the cache dtype. One task per (sequence, KV head) computes all the query heads
+// that share that KV head, so every K/V row is loaded once for the whole group.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+// 16 values of the cache dtype as 16 floats.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  // bfloat16 is the top half of a float32: widen and shift.
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < dim * static_cast<int64_t>(sizeof(T)); off += 64)
+    _mm_prefetch(bytes + off, _MM_HINT_T0);
+}
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// Scores of `group` query heads (float, pre-scaled) against one K row.
+template <typename T>
+inline void dot_rows(const float* q, const T* k, int64_t group, int64_t dim, float* out,
+                     int64_t out_stride) {
+#if defined(__AVX512F__)
+  if (dim % 16 == 0) {
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * dim + d), load16(k + d), acc);
+      out[g * out_stride] = _mm512_reduce_add_ps(acc);
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    float s = 0.f;
+    for (int64_t d = 0; d < dim; ++d) s += q[g * dim + d] * static_cast<float>(k[d]);
+    out[g * out_stride] = s;
+  }
+}
+
+// acc[g] += p[g * p_stride] * v for each of `group` heads.
+template <typename T>
+inline void add_rows(float* acc, const float* p, int64_t p_stride, const T* v, int64_t group,
+                     int64_t dim) {
+#if defined(__AVX512F__)
+  if (dim % 16 == 0) {
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __m512 vv = load16(v + d);
+      for (int64_t g = 0; g < group; ++g) {
+        float* a = acc + g * dim + d;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * p_stride]), vv,
+                                            _mm512_loadu_ps(a)));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    const float w = p[g * p_stride];
+    for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += w * static_cast<float>(v[d]);
+  }
+}
+
+#if defined(__AVX512F__)
+// exp over 16 lanes: 2^k * e^r with |r| <= ln2/2, r's series to degree 7 (relative error
+// below 2e-7, like expf); inputs are <= 0 here (scores minus their max).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));  // below: e^x underflows to 0 anyway
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - k ln2, ln2 split in two for precision.
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
+// s[t] = exp(s[t] - max(s)) in place; returns their sum.
+inline float exp_shifted(float* s, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  float sum = 0.f;
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  __m512 vtop = _mm512_set1_ps(top);
+  for (; t + 16 <= n; t += 16) vtop = _mm512_max_ps(vtop, _mm512_loadu_ps(s + t));
+  top = _mm512_reduce_max_ps(vtop);
+  for (; t < n; ++t) top = std::max(top, s[t]);
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 vsum = _mm512_setzero_ps();
+  for (t = 0; t + 16 <= n; t += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), shift));
+    _mm512_storeu_ps(s + t, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#else
+  for (; t < n; ++t) top = std::max(top, s[t]);
+  t = 0;
+#endif
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - top);
+    sum += s[t];
+  }
+  return sum;
+}
+
+template <typename T>
+void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& page_table, const at::Tensor& seq_lens, double scale,
+                      int64_t window, at::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t page_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t group = heads / kv_heads;
+  const int64_t q_seq = q.stride(0), q_head = q.stride(1);
+  const int64_t max_pages = page_table.size(1);
+  const int64_t token_stride = kv_heads * dim;  // one token's row, all KV heads
+  const int64_t page_stride = page_size * token_stride;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* table = page_table.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), acc(group * dim), scores, inv_sum(group);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const int64_t len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      const int64_t* pages = table + b * max_pages;
+      // Visits this head's rows of positions first .. len-1 page by page (no division per
+      // row). Rows jump to another page every page_size tokens, where the hardware
+      // prefetcher loses the stream, so the next page's rows are fetched ahead by hand.
+      auto for_each_row = [&](const T* cache, auto&& visit) {
+        int64_t t = 0, pos = first;
+        while (t < n) {
+          const int64_t page = pos / page_size, offset = pos % page_size;
+          const int64_t count = std::min(page_size - offset, n - t);
+          if (t + count < n) {
+            const T* next = cache + pages[page + 1] * page_stride + h * dim;
+            const int64_t next_count = std::min(page_size, n - t - count);
+            for (int64_t i = 0; i < next_count; ++i) prefetch_row(next + i * token_stride, dim);
+          }
+          const T* base = cache + pages[page] * page_stride + offset * token_stride + h * dim;
+          for (int64_t i = 0; i < count; ++i) visit(t + i, base + i * token_stride);
+          t += count;
+          pos += count;
+        }
+      };
+      scores.resize(group * n);
+      for (int64_t g = 0; g < group; ++g) {
+        float* dst = qf.data() + g * dim;
+        to_float(qp + b * q_seq + (h * group + g) * q_head, dst, dim);
+        for (int64_t d = 0; d < dim; ++d) dst[d] *= fscale;
+      }
+      for_each_row(kp, [&](int64_t t, const T* k) {
+        dot_rows(qf.data(), k, group, dim, scores.data() + t, n);
+      });
+      for (int64_t g = 0; g < group; ++g) inv_sum[g] = 1.f / exp_shifted(scores.data() + g * n, n);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for_each_row(vp, [&](int64_t t, const T* v) {
+        add_rows(acc.data(), scores.data() + t, n, v, group, dim);
+      });
+      for (int64_t g = 0; g < group; ++g) {
+        T* dst = op + (b * heads + h * group + g) * dim;
+        const float* a = acc.data() + g * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<T>(a[d] * inv_sum[g]);
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& page_table,
+                                  const at::Tensor& seq_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q: [seqs, heads, head_dim], last dim dense");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches: contiguous [pages, page_size, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must share a dtype");
+  TORCH_CHECK(k_cache.size(3) == q.size(2), "head_dim of q and the caches differ");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(page_table.scalar_type() == at::kLong && page_table.is_contiguous() &&
+                  page_table.dim() == 2 && page_table.size(0) == q.size(0),
+              "page_table: contiguous int64 [seqs, max_pages]");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous() &&
+                  seq_lens.numel() == q.size(0),
+              "seq_lens: contiguous int64 [seqs]");
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (q.scalar_type() == at::kFloat) {
+    decode_attention<float>(q, k_cache, v_cache, page_table, seq_lens, scale, window, out);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    decode_attention<at::BFloat16>(q, k_cache, v_cache, page_table, seq_lens, scale, window, out);
+  } else if (q.scalar_type() == at::kHalf) {
+    decode_attention<at::Half>(q, k_cache, v_cache, page_table, seq_lens, scale, window, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kvrelay, m) {
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
+      "Tensor seq_lens, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvrelay, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
