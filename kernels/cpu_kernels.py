@@ -24,9 +24,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 EXTENSION = "kvrelay_cpu_kernels"
 # -fopenmp: at::parallel_for is inline OpenMP; it links the libgomp torch already loaded.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+# -ffp-contract=off: a*b + c stays two roundings, as torch computes it (no silent FMA).
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
 
 
 def _cpu_flags() -> str:
@@ -43,7 +45,7 @@ def build_dir() -> Path:
     from shared.model.loader import cache_root
 
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         key.update(source.read_bytes())
     key.update(" ".join([torch.__version__, *CFLAGS, _cpu_flags()]).encode())
     return cache_root() / "kernels" / key.hexdigest()[:16]

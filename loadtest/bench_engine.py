@@ -6,7 +6,8 @@ Decode: aggregate tokens/s of batched decode steps at batch 1, 8 and 32 (prompts
 --context tokens already in the KV cache). Prefill: tokens/s of one 512- and one
 2048-token prompt. kvrelay runs its own forward over the paged KV pool; HF runs
 `model(...)` with its DynamicCache and attn_implementation="eager". Greedy sampling on
-both sides. Prints a table with the ratios and writes JSON (--out).
+both sides, each with its own (kvrelay: its sampler's `greedy`; HF: argmax, as its generate).
+Prints a table with the ratios and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from shared.config import DTYPES
 from shared.model.loader import resolve_model_dir
 from shared.model.runner import ModelRunner, SeqSlice
+from shared.sampler import greedy
 
 
 def _best_of(repeats: int, run: Callable[[], float]) -> float:
@@ -53,7 +55,7 @@ def kvrelay_decode(runner: ModelRunner, batch: int, context: int, steps: int) ->
                 slices = [
                     SeqSlice([t], context + step, pg) for t, pg in zip(tokens, pages, strict=True)
                 ]
-                tokens = runner.forward(slices).argmax(dim=-1).tolist()
+                tokens = greedy(runner.forward(slices)).tolist()
             return time.perf_counter() - started
 
         return batch * steps / _best_of(2, run)

@@ -17,12 +17,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import AttentionMetadata, paged_attention, store_kv
+from kernels.attention import AttentionMetadata, paged_attention
+from kernels.layer_ops import Rotary, add_rms_norm, rms_norm_reference, rotary_store
 from shared.model.config import ModelConfig
 from shared.model.linear import Linear
 from shared.model.lora_slots import O_PROJ, QKV, LoraBatch
 from shared.model.mlp import DenseMlp, MoeMlp
-from shared.model.rope import apply_rotary, rotary_tables
+from shared.model.rope import rotary_tables
 from shared.model.weights import Checkpoint, load_safetensors
 
 
@@ -34,13 +35,6 @@ class FamilySpec:
     qk_norm: bool = False  # RMSNorm over each q and k head before rotary (Qwen3)
     sliding_window: bool = False  # honours the config's sliding window (Llama does not)
     moe: bool = False  # sparse layers route to experts (config's num_experts...)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 whatever the model dtype, then scale in the model dtype (as HF).
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 @dataclass
@@ -171,25 +165,23 @@ class DecoderModel:
         # Recording needs every token through the last MLP, not only each sequence's last.
         routed = self._routing_buffer(t)
         last_layer = -1 if routed is not None else len(self.layers) - 1
-        # One table lookup per step, shared by all layers; broadcasts over heads.
-        cos = self.cos.index_select(0, meta.positions).unsqueeze(1)
-        sin = self.sin.index_select(0, meta.positions).unsqueeze(1)
+        rotary = Rotary(self.cos, self.sin, meta.positions)
 
         h = F.embedding(input_ids, self.embed)
+        # The residual stream: each block's output is added into h by the next norm (fused).
+        block_out: torch.Tensor | None = None
         for li, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.attn_norm, eps)
+            x = add_rms_norm(h, block_out, layer.attn_norm, eps)
             qkv = layer.qkv(x)
             if lora is not None:
                 lora.add(li, QKV, x, qkv)
             qk = qkv[:, :qk_dim].view(t, nh + nkv, hd)
             if layer.qk_norm is not None:
-                qk = rms_norm(qk, layer.qk_norm, eps)
-            # Rotate q and k heads together in one pass.
-            qk = apply_rotary(qk, cos, sin)
-            q, k = qk[:, :nh], qk[:, nh:]
+                qk = rms_norm_reference(qk, layer.qk_norm, eps)
             v = qkv[:, qk_dim:].view(t, nkv, hd)
             k_cache, v_cache = kv[li, 0], kv[li, 1]
-            store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            # Rotate q and k heads together in one pass, k and v into their pages.
+            q = rotary_store(qk, v, rotary, meta.slot_mapping, k_cache, v_cache, nh)
             attn = paged_attention(q, k_cache, v_cache, meta, self.scale, layer.window)
             attn = attn.reshape(t, nh * hd)
             if li == last_layer:
@@ -199,20 +191,20 @@ class DecoderModel:
             o = layer.o(attn)
             if lora is not None:
                 lora.add(li, O_PROJ, attn, o)
-            h = h + o
-            x = rms_norm(h, layer.mlp_norm, eps)
+            x = add_rms_norm(h, o, layer.mlp_norm, eps)
             if isinstance(layer.mlp, MoeMlp):
                 routing = layer.mlp.route(x)
                 if routed is not None:
                     routed[:, li] = routing.expert_ids
-                h = h + layer.mlp.mix(x, routing)
+                block_out = layer.mlp.mix(x, routing)
             else:
-                h = h + layer.mlp(x, lora, li)
+                block_out = layer.mlp(x, lora, li)
 
-        if routed is not None:
+        if routed is not None and block_out is not None:
             self.routed_experts = routed
-            h = h.index_select(0, last_idx)
-        h = rms_norm(h, self.norm, eps)
+            h = (h + block_out).index_select(0, last_idx)
+            block_out = None
+        h = add_rms_norm(h, block_out, self.norm, eps)
         if hidden:
             return h.float()
         return self.lm_head(h).float()

@@ -3,9 +3,9 @@
 bfloat16 matmuls on the CPU go through oneDNN (AMX or AVX-512 where the CPU has them), which
 otherwise reorders the weight into its blocked layout on every call. At decode batch sizes
 the weights stream from memory each step, so that reorder is a large part of the step:
-packing once at load makes batch-32 decode matmuls ~1.5x faster. Packed with a batch-size
-hint of 1 the results equal F.linear's and do not depend on how many rows are in the batch
-(tests/unit/test_linear.py checks both).
+packing once at load makes batch-32 decode matmuls ~1.5x faster. Results agree with
+F.linear's to bfloat16 rounding (like F.linear, oneDNN may sum in another order for another
+batch shape or thread count; tests/unit/test_linear.py).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.layer_ops import silu_and_mul
 from shared.model.config import MoeConfig
 from shared.model.linear import Linear
 from shared.model.lora_slots import DOWN, GATE_UP, LoraBatch
@@ -48,8 +49,7 @@ class DenseMlp:
         gate_up = self.gate_up(x)
         if lora is not None:
             lora.add(layer, GATE_UP, x, gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate) * up
+        act = silu_and_mul(gate_up)
         out = self.down(act)
         if lora is not None:
             lora.add(layer, DOWN, act, out)

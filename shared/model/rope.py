@@ -143,9 +143,3 @@ def rotary_tables(
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos() * attention_factor, emb.sin() * attention_factor
     return cos.to(dtype=dtype, device=device), sin.to(dtype=dtype, device=device)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin

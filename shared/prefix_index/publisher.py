@@ -233,9 +233,7 @@ class PrefixIndexPublisher:
         self._last_beat = now
         self._next_beat = now + self._beat_interval_s
         if beat.previous_instance and beat.previous_instance != status.instance and beat.was_live:
-            log.warning(
-                "prefix index: another live process announces worker id %s", self.worker_id
-            )
+            log.warning("prefix index: another live process announces worker id %s", self.worker_id)
         if self._slot != beat.slot or not beat.was_live:
             # Our entries may be gone (Redis restarted, or we were reaped while away).
             self._needs_full = True

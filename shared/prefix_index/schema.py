@@ -82,9 +82,7 @@ class WorkerStatus:
     @classmethod
     def from_flat(cls, flat: Sequence[bytes | str]) -> WorkerStatus:
         """From HGETALL's flat [field, value, ...] reply; unknown fields are ignored."""
-        values = {
-            _text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)
-        }
+        values = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
         kwargs: dict[str, object] = {}
         for field in dataclasses.fields(cls):
             raw = values.get(field.name)

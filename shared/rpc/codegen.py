@@ -37,7 +37,9 @@ def generate(out_dir: Path) -> None:
     # protoc writes `import kvrelay_pb2`, which only works with the folder on sys.path.
     grpc_file = out_dir / "kvrelay_pb2_grpc.py"
     text = re.sub(
-        r"^import kvrelay_pb2 as", "from shared.rpc import kvrelay_pb2 as", grpc_file.read_text(),
+        r"^import kvrelay_pb2 as",
+        "from shared.rpc import kvrelay_pb2 as",
+        grpc_file.read_text(),
         flags=re.M,
     )
     grpc_file.write_text(text)

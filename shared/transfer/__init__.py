@@ -9,8 +9,12 @@ TRANSPORTS = ("zmq", "nixl", "local")
 
 
 def make_sender(
-    transport: str, pool: KVPool | None = None, worker_id: str = "", *,
-    internal_token: str | None = None, send_timeout_s: float = 3.0,
+    transport: str,
+    pool: KVPool | None = None,
+    worker_id: str = "",
+    *,
+    internal_token: str | None = None,
+    send_timeout_s: float = 3.0,
 ) -> KvSender:
     """`pool`: the KV pool the sender reads from (nixl registers it once, up front).
     `internal_token`: zmq authenticates and encrypts the channel with keys derived from it."""
@@ -32,8 +36,14 @@ def make_sender(
 
 
 def make_receiver(
-    transport: str, pool: KVPool, bind_host: str, port: int, advertise_host: str,
-    worker_id: str = "", *, internal_token: str | None = None,
+    transport: str,
+    pool: KVPool,
+    bind_host: str,
+    port: int,
+    advertise_host: str,
+    worker_id: str = "",
+    *,
+    internal_token: str | None = None,
 ) -> KvReceiver:
     if transport == "local":
         from shared.transfer.local_transport import LocalKvReceiver

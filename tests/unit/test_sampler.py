@@ -38,6 +38,14 @@ def test_temperature_zero_is_argmax() -> None:
     assert tokens == logits.argmax(-1).tolist()
 
 
+def test_greedy_takes_the_first_of_tied_maxima() -> None:
+    logits = torch.zeros(32, 49152)
+    logits[:, 30000] = logits[:, 100] = 1.0
+    logits[5, 20] = 1.0
+    tokens, _ = sample(logits, [GREEDY] * 32, [0] * 32)
+    assert tokens == logits.argmax(-1).tolist() == [100] * 5 + [20] + [100] * 26
+
+
 def test_logprobs_are_unmodified_log_softmax() -> None:
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) * 3
     params = [
