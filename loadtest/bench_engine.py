@@ -2,8 +2,9 @@
 
     python -m loadtest.bench_engine [--model-path DIR] [--dtype float32] [--steps 16]
 
-Decode: aggregate tokens/s of batched decode steps at batch 1, 8 and 32 (prompts of
---context tokens already in the KV cache). Prefill: tokens/s of one 512- and one
+Decode: aggregate tokens/s of batched decode steps at batch 1, 8 and 32, with prompts of
+each of --contexts tokens already in the KV cache (attention's share of a step grows with
+it). Prefill: tokens/s of one 512- and one
 2048-token prompt. kvrelay runs its own forward over the paged KV pool; HF runs
 `model(...)` with its DynamicCache and attn_implementation="eager". Greedy sampling on
 both sides, each with its own (kvrelay: its sampler's `greedy`; HF: argmax, as its generate).
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--prefill-lengths", default="512,2048")
-    parser.add_argument("--context", type=int, default=128, help="tokens cached per sequence")
+    parser.add_argument(
+        "--contexts", default="128,512", help="tokens cached per sequence, one row set each"
+    )
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per batch")
     parser.add_argument("--out", type=Path, default=Path("bench_engine.json"))
     args = parser.parse_args(argv)
@@ -140,11 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, float | str]] = []
     console = Console()
     with console.status("measuring") as status:
-        for batch in (int(b) for b in args.batches.split(",")):
-            status.update(f"decode, batch {batch}")
-            ours = kvrelay_decode(runner, batch, args.context, args.steps)
-            theirs = hf_decode(hf, vocab, batch, args.context, args.steps)
-            rows.append({"what": f"decode tok/s, batch {batch}", "kvrelay": ours, "hf": theirs})
+        for context in (int(c) for c in args.contexts.split(",")):
+            for batch in (int(b) for b in args.batches.split(",")):
+                status.update(f"decode, batch {batch}, context {context}")
+                ours = kvrelay_decode(runner, batch, context, args.steps)
+                theirs = hf_decode(hf, vocab, batch, context, args.steps)
+                what = f"decode tok/s, batch {batch}, context {context}"
+                rows.append({"what": what, "kvrelay": ours, "hf": theirs})
         for length in (int(n) for n in args.prefill_lengths.split(",")):
             status.update(f"prefill, {length} tokens")
             ours = kvrelay_prefill(runner, length)
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     summary = {
         "dtype": args.dtype,
-        "context": args.context,
+        "contexts": args.contexts,
         "steps": args.steps,
         "geomean_ratio": statistics.geometric_mean(float(r["ratio"]) for r in rows),
         "rows": rows,
