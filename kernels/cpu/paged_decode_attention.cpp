@@ -35,11 +35,41 @@ inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+#if defined(__AVX512F__)
+// The common head_dims (64, 128) as register-held rows: a K or V row is widened to float
+// once for the whole group instead of once per query head.
+template <int CHUNKS, typename T>
+inline void dot_fixed(const float* q, const T* k, int64_t group, float* out, int64_t out_stride) {
+  __m512 row[CHUNKS];
+  for (int c = 0; c < CHUNKS; ++c) row[c] = load16(k + 16 * c);
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * CHUNKS * 16;
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < CHUNKS; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), row[c], acc);
+    out[g * out_stride] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+template <int CHUNKS, typename T>
+inline void add_fixed(float* acc, const float* p, int64_t p_stride, const T* v, int64_t group) {
+  __m512 row[CHUNKS];
+  for (int c = 0; c < CHUNKS; ++c) row[c] = load16(v + 16 * c);
+  for (int64_t g = 0; g < group; ++g) {
+    const __m512 w = _mm512_set1_ps(p[g * p_stride]);
+    float* a = acc + g * CHUNKS * 16;
+    for (int c = 0; c < CHUNKS; ++c)
+      _mm512_storeu_ps(a + 16 * c, _mm512_fmadd_ps(w, row[c], _mm512_loadu_ps(a + 16 * c)));
+  }
+}
+#endif
+
 // Scores of `group` query heads (float, pre-scaled) against one K row.
 template <typename T>
 inline void dot_rows(const float* q, const T* k, int64_t group, int64_t dim, float* out,
                      int64_t out_stride) {
 #if defined(__AVX512F__)
+  if (dim == 64) return dot_fixed<4>(q, k, group, out, out_stride);
+  if (dim == 128) return dot_fixed<8>(q, k, group, out, out_stride);
   if (dim % 16 == 0) {
     for (int64_t g = 0; g < group; ++g) {
       __m512 acc = _mm512_setzero_ps();
@@ -62,6 +92,8 @@ template <typename T>
 inline void add_rows(float* acc, const float* p, int64_t p_stride, const T* v, int64_t group,
                      int64_t dim) {
 #if defined(__AVX512F__)
+  if (dim == 64) return add_fixed<4>(acc, p, p_stride, v, group);
+  if (dim == 128) return add_fixed<8>(acc, p, p_stride, v, group);
   if (dim % 16 == 0) {
     for (int64_t d = 0; d < dim; d += 16) {
       const __m512 vv = load16(v + d);
