@@ -6,6 +6,7 @@ be swapped for fused kernels without touching model code.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,17 @@ from kernels.torch_attention import torch_paged_attention
 AttentionFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, "AttentionMetadata", float], torch.Tensor
 ]
+
+
+@dataclass
+class DecodeSplit:
+    """A mixed step's single-token sequences (as a decode step would give them to a kernel)
+    and the others."""
+
+    rows: torch.Tensor  # [n] LongTensor: their rows of the flattened new tokens
+    page_table: torch.Tensor  # [n, max pages]: their rows of the step's page table
+    seq_lens: torch.Tensor  # [n]
+    rest: list[int]  # indices of the sequences with more than one new token
 
 
 @dataclass
@@ -46,6 +58,19 @@ class AttentionMetadata:
     def decode_only(self) -> bool:
         """Every sequence adds exactly one token (a pure decode step)."""
         return self.cu_new[-1] == len(self.num_new)
+
+    @functools.cached_property
+    def decode_split(self) -> DecodeSplit:
+        """Built once per step, shared by every layer."""
+        single = [i for i, n in enumerate(self.num_new) if n == 1]
+        device = self.page_table.device
+        seqs = torch.tensor(single, dtype=torch.long, device=device)
+        return DecodeSplit(
+            rows=torch.tensor([self.cu_new[i] for i in single], dtype=torch.long, device=device),
+            page_table=self.page_table.index_select(0, seqs),
+            seq_lens=self.seq_lens.index_select(0, seqs),
+            rest=[i for i, n in enumerate(self.num_new) if n != 1],
+        )
 
     @classmethod
     def build(
@@ -142,22 +167,19 @@ def _cpu_attention(
         return cpu_kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, window
         )
-    single = [i for i, n in enumerate(meta.num_new) if n == 1]
+    split = meta.decode_split
     out = torch.empty_like(q)
-    if single:
-        seqs = torch.tensor(single, dtype=torch.long, device=q.device)
-        rows = torch.tensor([meta.cu_new[i] for i in single], dtype=torch.long, device=q.device)
-        out[rows] = cpu_kernels.paged_decode_attention(
-            q.index_select(0, rows),
+    if len(split.rows):
+        out[split.rows] = cpu_kernels.paged_decode_attention(
+            q.index_select(0, split.rows),
             k_cache,
             v_cache,
-            meta.page_table.index_select(0, seqs),
-            meta.seq_lens.index_select(0, seqs),
+            split.page_table,
+            split.seq_lens,
             scale,
             window,
         )
-    rest = [i for i, n in enumerate(meta.num_new) if n != 1]
-    return torch_paged_attention(q, k_cache, v_cache, meta, scale, window, seqs=rest, out=out)
+    return torch_paged_attention(q, k_cache, v_cache, meta, scale, window, seqs=split.rest, out=out)
 
 
 def _cpu_kernels_enabled() -> bool:
