@@ -159,6 +159,9 @@ def _forge(
     context = zmq.Context()
     socket = context.socket(zmq.PUSH)
     socket.setsockopt(zmq.LINGER, 2000)
+    # A guarded worker may drop the connection before any pipe exists, where a send would
+    # wait for one for ever: then nothing was sent, which the caller's checks then see.
+    socket.setsockopt(zmq.SNDTIMEO, 3000)
     if keys_from is not None:
         secure_client(socket, curve_keys(keys_from))  # the CURVE handshake, with other keys
     try:
@@ -166,6 +169,8 @@ def _forge(
         time.sleep(0.3)
         socket.send_multipart([encode(chunk), data])
         socket.send(encode(done))
+    except zmq.Again:
+        pass
     finally:
         socket.close()
         context.term()
