@@ -28,7 +28,7 @@ HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 EXTENSION = "kvrelay_cpu_kernels"
 # -fopenmp: at::parallel_for is inline OpenMP; it links the libgomp torch already loaded.
 # -ffp-contract=off: a*b + c stays two roundings, as torch computes it (no silent FMA).
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 
 
 def _cpu_flags() -> str:
@@ -62,9 +62,9 @@ def available() -> bool:
         log.warning("CPU kernels unavailable (%s); using the torch paths", exc)
         return False
     directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         # Concurrent builders (several workers starting at once) wait on torch's lock file.
         load(
             name=EXTENSION,
@@ -75,7 +75,7 @@ def available() -> bool:
             is_python_module=False,
             verbose=False,
         )
-    except Exception as exc:  # a missing compiler or ninja: fall back, say so once
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: say so once
         log.warning("CPU kernels could not be built (%s); using the torch paths", exc)
         return False
     elapsed = time.monotonic() - started
