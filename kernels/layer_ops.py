@@ -10,7 +10,6 @@ order and round intermediates to the model dtype where it does.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +19,9 @@ from kernels import cpu_kernels
 from kernels.attention import store_kv
 
 
-@functools.cache
-def _cpu_fused() -> bool:
-    return os.environ.get("KVRELAY_LAYER_OPS") != "torch" and cpu_kernels.available()
-
-
 def _fused(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and _cpu_fused()
+    # KVRELAY_CPU_KERNELS=0 (kernels/cpu_kernels.py) turns these off with the attention kernel.
+    return x.device.type == "cpu" and cpu_kernels.available()
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
