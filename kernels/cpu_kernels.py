@@ -100,6 +100,30 @@ def paged_decode_attention(
     return out
 
 
+@functools.cache
+def gguf_linear_supported() -> bool:
+    """Whether gguf_linear runs here: the kernels are built and the CPU has AMX (bf16)."""
+    return available() and bool(torch.ops.kvrelay.gguf_linear_supported())
+
+
+def gguf_pack(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """GGUF blocks [out, bytes per row] in the layout gguf_linear reads (flat uint8)."""
+    out: torch.Tensor = torch.ops.kvrelay.gguf_pack(blocks, ggml_type, in_features)
+    return out
+
+
+def gguf_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    ggml_type: int,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """bfloat16 x [rows, in] times the packed weight [out, in] transposed: [rows, out]."""
+    out: torch.Tensor = torch.ops.kvrelay.gguf_linear(x, packed, ggml_type, out_features, bias)
+    return out
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Never fails an install: without the kernels the torch paths serve, only slower.

@@ -27,6 +27,8 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM
 
 from shared.config import DTYPES
+from shared.model.decoder import DecoderModel
+from shared.model.linear import QUANTIZED_MAX_ROWS
 from shared.model.loader import resolve_model_dir
 from shared.model.runner import ModelRunner, SeqSlice
 from shared.sampler import greedy
@@ -163,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio"] = ours / theirs
         table.add_row(str(row["what"]), f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x")
     console.print(table)
+    if isinstance(runner.model, DecoderModel):
+        linears = runner.model.linears()
+        reading = sum(linear.quantized is not None for linear in linears)
+        if reading:
+            # Honest labelling: the same bfloat16 weights, streamed as the GGUF stores them.
+            console.print(
+                f"kvrelay: {reading} of {len(linears)} matmuls of up to {QUANTIZED_MAX_ROWS} "
+                "rows read the GGUF blocks, widened to the bfloat16 weights HF multiplies with"
+            )
     summary = {
         "dtype": args.dtype,
         "contexts": args.contexts,

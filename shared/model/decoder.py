@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.layer_ops import Rotary, add_rms_norm, rms_norm_reference, rotary_store
 from shared.model.config import ModelConfig
-from shared.model.linear import Linear
+from shared.model.gguf_blocks import QuantizedWeight, load_blocks
+from shared.model.linear import Linear, reads_blocks
 from shared.model.lora_slots import O_PROJ, QKV, LoraBatch
 from shared.model.mlp import DenseMlp, MoeMlp
 from shared.model.rope import rotary_tables
@@ -59,8 +60,10 @@ class DecoderModel:
         state: dict[str, torch.Tensor],
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        quantized: dict[str, QuantizedWeight] | None = None,
     ) -> None:
-        """Build from a checkpoint state dict (consumed: entries are popped to save memory)."""
+        """Build from a checkpoint state dict (consumed: entries are popped to save memory),
+        with the GGUF blocks of its matrices where the conversion kept them."""
         if config.num_heads % config.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
         if config.hidden_act != "silu":
@@ -70,7 +73,7 @@ class DecoderModel:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
-        ckpt = Checkpoint(state, dtype, self.device)
+        ckpt = Checkpoint(state, dtype, self.device, quantized)
         self.embed = ckpt.take("model.embed_tokens.weight")
         self.layers = [self._load_layer(ckpt, i) for i in range(config.num_layers)]
         self.norm = ckpt.take("model.norm.weight")
@@ -79,7 +82,12 @@ class DecoderModel:
         if head is None and not config.tie_word_embeddings:
             raise KeyError("checkpoint is missing tensor 'lm_head.weight'")
         tied = config.tie_word_embeddings or head is None
-        self.lm_head = Linear(self.embed if tied or head is None else head)
+        self.lm_head = Linear(
+            self.embed if tied or head is None else head,
+            quantized=ckpt.take_quantized(
+                "model.embed_tokens.weight" if tied else "lm_head.weight"
+            ),
+        )
         ckpt.check_all_used(config.architecture)
         self.cos, self.sin = rotary_tables(
             config.head_dim,
@@ -119,10 +127,13 @@ class DecoderModel:
             qkv=Linear(
                 torch.cat([ckpt.take(f"{a}{n}_proj.weight") for n in "qkv"]),
                 torch.cat([b for b in biases if b is not None]) if qkv_bias else None,
+                QuantizedWeight.stack([ckpt.take_quantized(f"{a}{n}_proj.weight") for n in "qkv"]),
             ),
             qk_norm=qk_norm,
             o=Linear(
-                ckpt.take(a + "o_proj.weight"), ckpt.take_if(cfg.attention_bias, a + "o_proj.bias")
+                ckpt.take(a + "o_proj.weight"),
+                ckpt.take_if(cfg.attention_bias, a + "o_proj.bias"),
+                ckpt.take_quantized(a + "o_proj.weight"),
             ),
             mlp_norm=ckpt.take(p + "post_attention_layernorm.weight"),
             mlp=mlp,
@@ -137,7 +148,9 @@ class DecoderModel:
         device: str | torch.device = "cpu",
     ) -> DecoderModel:
         model_dir = Path(model_dir)
-        return cls(ModelConfig.from_dir(model_dir), load_safetensors(model_dir), dtype, device)
+        config, state = ModelConfig.from_dir(model_dir), load_safetensors(model_dir)
+        quantized = load_blocks(model_dir) if reads_blocks(dtype, torch.device(device)) else {}
+        return cls(config, state, dtype, device, quantized)
 
     def forward(
         self,
@@ -208,6 +221,15 @@ class DecoderModel:
         if hidden:
             return h.float()
         return self.lm_head(h).float()
+
+    def linears(self) -> list[Linear]:
+        """Every matmul weight of the model (the routed experts' aside)."""
+        out = [self.lm_head]
+        for layer in self.layers:
+            out += [layer.qkv, layer.o]
+            if isinstance(layer.mlp, DenseMlp):
+                out += [layer.mlp.gate_up, layer.mlp.down]
+        return out
 
     def _routing_buffer(self, num_tokens: int) -> torch.Tensor | None:
         moe = self.config.moe

