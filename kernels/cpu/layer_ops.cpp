@@ -31,7 +31,24 @@ void add_rms_norm_rows(T* residual, const T* x, const T* weight, T* out, int64_t
     for (int64_t r = begin; r < end; ++r) {
       T* h = residual + r * hidden;
       float sum = 0.f;
-      for (int64_t i = 0; i < hidden; ++i) {
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      if constexpr (!std::is_same_v<T, double>) {
+        // 16 partial sums (torch's own reduction is not sequential either).
+        using namespace kvrelay_vec;
+        __m512 sums = _mm512_setzero_ps();
+        for (; i + 16 <= hidden; i += 16) {
+          __m512 v = load16(h + i);
+          if (x != nullptr) {
+            v = round16<T>(_mm512_add_ps(v, load16(x + r * hidden + i)));
+            store16(h + i, v);
+          }
+          sums = _mm512_fmadd_ps(v, v, sums);
+        }
+        sum = _mm512_reduce_add_ps(sums);
+      }
+#endif
+      for (; i < hidden; ++i) {
         float v = static_cast<float>(h[i]);
         if (x != nullptr) {
           h[i] = round_to<T>(v + static_cast<float>(x[r * hidden + i]));
@@ -41,7 +58,18 @@ void add_rms_norm_rows(T* residual, const T* x, const T* weight, T* out, int64_t
       }
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(hidden) + eps);
       T* o = out + r * hidden;
-      for (int64_t i = 0; i < hidden; ++i) {
+      i = 0;
+#if defined(__AVX512F__)
+      if constexpr (!std::is_same_v<T, double>) {
+        using namespace kvrelay_vec;
+        const __m512 scale = _mm512_set1_ps(inv);
+        for (; i + 16 <= hidden; i += 16) {
+          const __m512 normed = round16<T>(_mm512_mul_ps(load16(h + i), scale));
+          store16(o + i, _mm512_mul_ps(load16(weight + i), normed));
+        }
+      }
+#endif
+      for (; i < hidden; ++i) {
         const float normed = static_cast<float>(round_to<T>(static_cast<float>(h[i]) * inv));
         o[i] = round_to<T>(static_cast<float>(weight[i]) * normed);
       }
@@ -104,6 +132,27 @@ void rotary_store_rows(const at::Tensor& qk, const at::Tensor& v, const at::Tens
         const T* x = qkp + t * qk_tok + h * qk_head;
         T* dst = h < heads ? qo + (t * heads + h) * dim
                            : kc + slot[t] * slot_stride + (h - heads) * dim;
+#if defined(__AVX512F__)
+        if constexpr (!std::is_same_v<T, double>) {
+          if (half % 16 == 0) {
+            // Both halves at once: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2, each product
+            // rounded as torch rounds it.
+            using namespace kvrelay_vec;
+            for (int64_t d = 0; d < half; d += 16) {
+              const __m512 x1 = load16(x + d), x2 = load16(x + d + half);
+              const __m512 a1 = round16<T>(_mm512_mul_ps(x1, load16(c + d)));
+              const __m512 minus_x2 = _mm512_castsi512_ps(
+                  _mm512_xor_si512(_mm512_castps_si512(x2), _mm512_set1_epi32(INT32_MIN)));
+              const __m512 b1 = round16<T>(_mm512_mul_ps(minus_x2, load16(s + d)));
+              const __m512 a2 = round16<T>(_mm512_mul_ps(x2, load16(c + d + half)));
+              const __m512 b2 = round16<T>(_mm512_mul_ps(x1, load16(s + d + half)));
+              store16(dst + d, _mm512_add_ps(a1, b1));
+              store16(dst + d + half, _mm512_add_ps(a2, b2));
+            }
+            continue;
+          }
+        }
+#endif
         for (int64_t d = 0; d < dim; ++d) {
           const float rotated = d < half ? -static_cast<float>(x[d + half])
                                          : static_cast<float>(x[d - half]);
