@@ -36,20 +36,88 @@ inline void to_float(const T* src, float* dst, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-// The common head_dims (64, 128) as register-held rows: a K or V row is widened to float
-// once for the whole group instead of once per query head.
-template <int CHUNKS, typename T>
-inline void dot_fixed(const float* q, const T* k, int64_t group, float* out, int64_t out_stride) {
-  __m512 row[CHUNKS];
-  for (int c = 0; c < CHUNKS; ++c) row[c] = load16(k + 16 * c);
-  for (int64_t g = 0; g < group; ++g) {
-    const float* qg = q + g * CHUNKS * 16;
-    __m512 acc = _mm512_setzero_ps();
-    for (int c = 0; c < CHUNKS; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), row[c], acc);
-    out[g * out_stride] = _mm512_reduce_add_ps(acc);
+// The lane sums of 16 vectors, in order: a transposing add tree, ~3 operations per sum where
+// reducing each vector alone costs ~8.
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: v[2i], v[2i+1], v[2i], v[2i+1]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: that lane's sums of v[4i .. 4i+3]
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xee));
+  for (int i = 0; i < 2; ++i)  // lanes: half sums of v[8i .. 8i+3] (two), of v[8i+4 ..] (two)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88),
+                       _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
+}
+
+// Scores of `group` query heads against rows 0..n-1 (visited in order by for_each_row), into
+// scores[g * n + t]. Each row's products stay a vector until 16 rows are summed at once.
+template <int CHUNKS, typename T, typename ForEachRow>
+void scores_fixed(const float* q, int64_t group, int64_t n, ForEachRow&& for_each_row,
+                  const T* k_cache, float* partial, float* scores) {
+  for_each_row(k_cache, [&](int64_t t, const T* k) {
+    __m512 row[CHUNKS];
+    for (int c = 0; c < CHUNKS; ++c) row[c] = load16(k + 16 * c);
+    const int64_t slot = t % 16;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * CHUNKS * 16;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), row[0]);
+      for (int c = 1; c < CHUNKS; ++c)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), row[c], acc);
+      _mm512_store_ps(partial + (g * 16 + slot) * 16, acc);
+    }
+    if (slot == 15 || t == n - 1) {
+      const int64_t count = slot + 1;
+      for (int64_t g = 0; g < group; ++g) {
+        __m512 rows[16];
+        for (int64_t i = 0; i < 16; ++i)
+          rows[i] = i < count ? _mm512_load_ps(partial + (g * 16 + i) * 16) : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(scores + g * n + t - slot, static_cast<__mmask16>((1u << count) - 1),
+                              sum16(rows));
+      }
+    }
+  });
+}
+
+// out[g] = sum over rows t of p[g * n + t] * v_t, the GROUP x CHUNKS sums held in registers.
+template <int CHUNKS, int GROUP, typename T, typename ForEachRow>
+void values_fixed(const float* p, int64_t n, ForEachRow&& for_each_row, const T* v_cache,
+                  float* out) {
+  __m512 acc[GROUP][CHUNKS];
+  for (int g = 0; g < GROUP; ++g)
+    for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_setzero_ps();
+  for_each_row(v_cache, [&](int64_t t, const T* v) {
+    __m512 row[CHUNKS];
+    for (int c = 0; c < CHUNKS; ++c) row[c] = load16(v + 16 * c);
+    for (int g = 0; g < GROUP; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * n + t]);
+      for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_fmadd_ps(w, row[c], acc[g][c]);
+    }
+  });
+  for (int g = 0; g < GROUP; ++g)
+    for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(out + (g * CHUNKS + c) * 16, acc[g][c]);
+}
+
+// values_fixed for the group sizes whose sums fit the 32 vector registers; false otherwise.
+template <int CHUNKS, typename T, typename ForEachRow>
+bool values_in_registers(int64_t group, const float* p, int64_t n, ForEachRow&& for_each_row,
+                         const T* v_cache, float* out) {
+  if (group * CHUNKS > 24) return false;
+  switch (group) {
+    case 1: values_fixed<CHUNKS, 1>(p, n, for_each_row, v_cache, out); return true;
+    case 2: values_fixed<CHUNKS, 2>(p, n, for_each_row, v_cache, out); return true;
+    case 3: values_fixed<CHUNKS, 3>(p, n, for_each_row, v_cache, out); return true;
+    case 4: values_fixed<CHUNKS, 4>(p, n, for_each_row, v_cache, out); return true;
+    case 5: values_fixed<CHUNKS, 5>(p, n, for_each_row, v_cache, out); return true;
+    case 6: values_fixed<CHUNKS, 6>(p, n, for_each_row, v_cache, out); return true;
+    default: return false;
   }
 }
 
+// Groups too large for values_fixed: a V row widened once for all the group's heads.
 template <int CHUNKS, typename T>
 inline void add_fixed(float* acc, const float* p, int64_t p_stride, const T* v, int64_t group) {
   __m512 row[CHUNKS];
@@ -68,8 +136,6 @@ template <typename T>
 inline void dot_rows(const float* q, const T* k, int64_t group, int64_t dim, float* out,
                      int64_t out_stride) {
 #if defined(__AVX512F__)
-  if (dim == 64) return dot_fixed<4>(q, k, group, out, out_stride);
-  if (dim == 128) return dot_fixed<8>(q, k, group, out, out_stride);
   if (dim % 16 == 0) {
     for (int64_t g = 0; g < group; ++g) {
       __m512 acc = _mm512_setzero_ps();
@@ -163,6 +229,9 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
 
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dim), acc(group * dim), scores, inv_sum(group);
+#if defined(__AVX512F__)
+    std::vector<__m512> partial(static_cast<size_t>(group * 16));  // 64-byte aligned
+#endif
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads;
       const int64_t len = lens[b];
@@ -194,14 +263,36 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
         to_float(qp + b * q_seq + (h * group + g) * q_head, dst, dim);
         for (int64_t d = 0; d < dim; ++d) dst[d] *= fscale;
       }
-      for_each_row(kp, [&](int64_t t, const T* k) {
-        dot_rows(qf.data(), k, group, dim, scores.data() + t, n);
-      });
+      bool fixed = false;  // head_dim 64 or 128 on AVX-512: the register-held paths
+#if defined(__AVX512F__)
+      auto* part = reinterpret_cast<float*>(partial.data());
+      if (dim == 64) {
+        scores_fixed<4>(qf.data(), group, n, for_each_row, kp, part, scores.data());
+        fixed = true;
+      } else if (dim == 128) {
+        scores_fixed<8>(qf.data(), group, n, for_each_row, kp, part, scores.data());
+        fixed = true;
+      }
+#endif
+      if (!fixed) {
+        for_each_row(kp, [&](int64_t t, const T* k) {
+          dot_rows(qf.data(), k, group, dim, scores.data() + t, n);
+        });
+      }
       for (int64_t g = 0; g < group; ++g) inv_sum[g] = 1.f / exp_shifted(scores.data() + g * n, n);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_row(vp, [&](int64_t t, const T* v) {
-        add_rows(acc.data(), scores.data() + t, n, v, group, dim);
-      });
+      bool summed = false;
+#if defined(__AVX512F__)
+      if (dim == 64)
+        summed = values_in_registers<4>(group, scores.data(), n, for_each_row, vp, acc.data());
+      else if (dim == 128)
+        summed = values_in_registers<8>(group, scores.data(), n, for_each_row, vp, acc.data());
+#endif
+      if (!summed) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for_each_row(vp, [&](int64_t t, const T* v) {
+          add_rows(acc.data(), scores.data() + t, n, v, group, dim);
+        });
+      }
       for (int64_t g = 0; g < group; ++g) {
         T* dst = op + (b * heads + h * group + g) * dim;
         const float* a = acc.data() + g * dim;
