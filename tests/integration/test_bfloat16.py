@@ -8,6 +8,7 @@ import openai
 import torch
 from transformers import AutoTokenizer
 
+from kernels import cpu_kernels
 from shared.model.runner import ModelRunner, SeqSlice
 from tests.cluster import start_cluster
 from tests.tiny_models import build_tiny_llama
@@ -45,3 +46,33 @@ def test_bfloat16_relay_equals_one_process(tmp_path: Path) -> None:
         cluster.wait_all_pages_free()
     finally:
         cluster.stop()
+
+
+def test_default_model_relay_over_gguf_blocks_equals_one_process(
+    default_model_dir: Path, tmp_path: Path
+) -> None:
+    """The default model in bfloat16: prefill's matmuls use the packed weights (a 45-token
+    prompt), decode's read the GGUF blocks where the CPU has AMX; relayed, the answer is the
+    one process's, token for token."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    text = "Explain in two sentences why the sky is blue, and then why sunsets look red. " * 2
+    prompt = tokenizer.encode(text)[:45]
+    expected = _greedy_alone(default_model_dir, prompt, 16)
+    cluster = start_cluster(
+        default_model_dir,
+        tmp_path / "logs",
+        worker_args=["--dtype", "bfloat16", "--num-threads", "1"],
+    )
+    try:
+        client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="x", max_retries=0)
+        reply = client.completions.create(
+            model="test-model", prompt=prompt, temperature=0, max_tokens=16,
+            extra_body={"ignore_eos": True},
+        )
+        assert reply.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+        cluster.wait_all_pages_free()
+    finally:
+        cluster.stop()
+    if cpu_kernels.gguf_linear_supported():
+        log = (tmp_path / "logs" / "decode-0.log").read_text()
+        assert "matmuls read GGUF blocks" in log
