@@ -100,6 +100,12 @@ def paged_decode_attention(
     return out
 
 
+def greedy_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (first on ties) of float32 logits [rows, vocab]: int64 [rows]."""
+    out: torch.Tensor = torch.ops.kvrelay.greedy_rows(logits)
+    return out
+
+
 @functools.cache
 def gguf_linear_supported() -> bool:
     """Whether gguf_linear runs here: the kernels are built and the CPU has AMX (bf16)."""

@@ -9,12 +9,14 @@ from collections import Counter
 import pytest
 import torch
 
+from kernels import cpu_kernels
 from shared.rpc import kvrelay_pb2 as pb
 from shared.rpc.convert import sampling_from_pb, sampling_to_pb
 from shared.sampler import (
     TOP_P_TOLERANCE,
     SamplingParams,
     TokenHistory,
+    greedy,
     processed_logits,
     sample,
     token_distribution,
@@ -44,6 +46,21 @@ def test_greedy_takes_the_first_of_tied_maxima() -> None:
     logits[5, 20] = 1.0
     tokens, _ = sample(logits, [GREEDY] * 32, [0] * 32)
     assert tokens == logits.argmax(-1).tolist() == [100] * 5 + [20] + [100] * 26
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 49152, 49157])
+def test_greedy_kernel_equals_torch(vocab: int) -> None:
+    """The CPU kernel greedy() uses: torch's argmax on every row shape, ties, -inf rows
+    and a strided view."""
+    assert cpu_kernels.available(), "CPU kernels did not build (see the log)"
+    wide = torch.randn(16, 2 * vocab, generator=torch.Generator().manual_seed(vocab))
+    logits = wide[:, ::2]  # not contiguous
+    logits[1] = float("-inf")
+    logits[2, vocab // 2] = logits[2, vocab - 1] = 1e9
+    logits[3, vocab - 1] = 1e9
+    expected = logits.argmax(dim=-1)
+    assert torch.equal(cpu_kernels.greedy_rows(logits), expected)
+    assert torch.equal(greedy(logits), expected)
 
 
 def test_logprobs_are_unmodified_log_softmax() -> None:
