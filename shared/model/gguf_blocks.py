@@ -2,7 +2,7 @@
 
 A GGUF model is converted once to float32 safetensors (loader.py). Its Q4_0, Q4_1 and Q8_0
 matrices are also saved as they are stored in the file, rows in the checkpoint's order (the
-conversion permutes Llama's q/k rows), so that bfloat16 linears can stream 5 or 8.5 bits per
+conversion permutes Llama's q/k rows), so that bfloat16 linears can stream 6 or 9 bits per
 weight instead of 16 (kernels/cpu/gguf_linear.cpp). A matrix is saved only if its blocks
 de-quantise to exactly the converted tensor: the blocks are the same weights, not a copy
 that could drift.

@@ -9,7 +9,7 @@ batch shape or thread count; tests/unit/test_linear.py).
 
 A matrix that came from a GGUF file as Q4_0/Q4_1/Q8_0 blocks (gguf_blocks.py) is also kept
 as those blocks: up to QUANTIZED_MAX_ROWS rows (decode batches), where streaming the weight
-is the cost, the matmul reads the blocks (3.2x fewer bytes for Q4_1) and widens them to the
+is the cost, the matmul reads the blocks (2.7x fewer bytes for Q4_1) and widens them to the
 same bfloat16 values in registers; larger batches (prefill) are bound by arithmetic, which
 oneDNN's packed layout does best.
 """
