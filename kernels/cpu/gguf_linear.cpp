@@ -47,7 +47,7 @@ struct BlockFormat {
   bool has_min;         // Q4_1's per-block minimum
 };
 
-BlockFormat format_of(int64_t type) {
+constexpr BlockFormat format_of(int64_t type) {
   switch (type) {
     case kQ4_0:
       return {18, 16, false};  // f16 scale, 32 nibbles (minus 8)
@@ -61,7 +61,7 @@ BlockFormat format_of(int64_t type) {
 }
 
 // Bytes of one block once packed: its quants, then float32 scale (and minimum).
-int64_t packed_block_bytes(int64_t type) {
+constexpr int64_t packed_block_bytes(int64_t type) {
   const BlockFormat f = format_of(type);
   return f.quant_bytes + 4 + (f.has_min ? 4 : 0);
 }
@@ -156,7 +156,8 @@ at::Tensor pack(const at::Tensor& blocks, int64_t type, int64_t k) {
 // flush changes nothing).
 template <int64_t Type>
 inline void widen_row(PackedGroup g, int64_t r, uint16_t* out) {
-  const float* scales = reinterpret_cast<const float*>(g.base + g.rows * format_of(Type).quant_bytes);
+  constexpr int64_t quant_bytes = format_of(Type).quant_bytes;
+  const auto* scales = reinterpret_cast<const float*>(g.base + g.rows * quant_bytes);
   const __m512 d = _mm512_set1_ps(scales[r]);
   if constexpr (Type == kQ8_0) {
     __m512 lo, hi;
