@@ -166,12 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(str(row["what"]), f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x")
     console.print(table)
     if isinstance(runner.model, DecoderModel):
-        linears = runner.model.linears()
-        reading = sum(linear.quantized is not None for linear in linears)
+        reading, total = runner.model.linears_reading_blocks(), len(runner.model.linears())
         if reading:
             # Honest labelling: the same bfloat16 weights, streamed as the GGUF stores them.
             console.print(
-                f"kvrelay: {reading} of {len(linears)} matmuls of up to {QUANTIZED_MAX_ROWS} "
+                f"kvrelay: {reading} of {total} matmuls of up to {QUANTIZED_MAX_ROWS} "
                 "rows read the GGUF blocks, widened to the bfloat16 weights HF multiplies with"
             )
     summary = {

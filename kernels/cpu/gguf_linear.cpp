@@ -315,13 +315,13 @@ void write_results(const float* results, int n_tiles, int m_count, int64_t mt, i
 
 // Tile loads of rows that straddle cache lines, or of lines just written by vector stores
 // outside L1, run at a fraction of AMX's rate: every buffer a tile reads is 64-byte aligned
-// and the widened weights rotate through three L1-resident 2 KiB slots.
+// and the widened weights rotate through three L1-resident 2 KiB slots. Not zeroed: what a
+// tile reads is written first.
 template <typename T>
 struct AlignedBuffer {
   explicit AlignedBuffer(size_t count)
       : data(static_cast<T*>(std::aligned_alloc(64, (count * sizeof(T) + 63) / 64 * 64))) {
     TORCH_CHECK(data != nullptr, "out of memory for a ", count * sizeof(T), "-byte buffer");
-    std::memset(data, 0, count * sizeof(T));
   }
   ~AlignedBuffer() { std::free(data); }
   AlignedBuffer(const AlignedBuffer&) = delete;
@@ -334,6 +334,8 @@ struct AlignedBuffer {
 void activation_tiles(const at::Tensor& x, uint32_t* acts) {
   const int64_t m_total = x.size(0), k = x.size(1), k_blocks = k / kBlock;
   const auto* xs = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
+  if (m_total % 16 != 0)  // the last tile's padding rows
+    std::memset(acts + (m_total / 16) * k_blocks * 256, 0, k_blocks * 256 * sizeof(uint32_t));
   at::parallel_for(0, m_total, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       uint32_t* base = acts + (m / 16) * k_blocks * 256 + (m % 16);

@@ -231,6 +231,10 @@ class DecoderModel:
                 out += [layer.mlp.gate_up, layer.mlp.down]
         return out
 
+    def linears_reading_blocks(self) -> int:
+        """How many matmuls read GGUF blocks at decode batches (shared/model/linear.py)."""
+        return sum(linear.quantized is not None for linear in self.linears())
+
     def _routing_buffer(self, num_tokens: int) -> torch.Tensor | None:
         moe = self.config.moe
         if not self.record_routing or moe is None or not self.spec.moe:

@@ -66,7 +66,7 @@ class ModelRunner:
         )
         model = self.model
         if isinstance(model, DecoderModel):
-            reading = sum(linear.quantized is not None for linear in model.linears())
+            reading = model.linears_reading_blocks()
             if reading:
                 log.info(
                     "%d matmuls read GGUF blocks at batches up to %d rows",
